@@ -1,0 +1,318 @@
+"""Input pipeline: deterministic global batches, sliced per process, prefetched.
+
+The global batch at step s is a pure function of (dataset, seed, s):
+  * finite datasets (N examples): position p = s * B + j (j < B) is example
+    perm_e[p % N] of epoch e = p // N, perm_e = default_rng([seed, e]).permutation(N);
+    the optional horizontal flip of position j is drawn from
+    default_rng([seed, s, 1]), so it too depends only on (seed, s, j);
+  * toy2d (infinite): sample_toy2d(default_rng([seed, s]), B, num_classes).
+Process i of P receives rows [i * B / P, (i + 1) * B / P) of that batch, so a run
+resumed at step k sees exactly the batches an uninterrupted run sees, whatever
+the process count.
+
+  with make_loader(config.data, global_batch_size=B, seed=0, start_step=k) as loader:
+    for step, batch in loader:  # batch = {'x': f32 [B/P, ...] in [-1, 1], 'label': i32 [B/P]}
+      ...
+"""
+import dataclasses
+import functools
+import os
+import queue
+import threading
+from typing import Any, Callable
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from gdistill.data import digits
+from gdistill.data import toy2d
+
+_TFDS_NAMES = {
+    "digits": digits.NAME,
+    "cifar10": "cifar10",
+    "imagenet64": "imagenet_resized/64x64",
+}
+_NAMES = ("toy2d",) + tuple(_TFDS_NAMES)
+_DEFAULT_DATA_DIR = "~/tensorflow_datasets"
+_FLIP_STREAM = 1  # default_rng([seed, step, 1]); [seed, epoch] is the permutation.
+_TOY2D_REFERENCE_SIZE = 10_000
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  name: str
+  shape: tuple[int, ...]  # Per example: (H, W, C) for images, (2,) for toy2d.
+  num_classes: int
+  num_examples: int | None  # None for an infinite (sampled) dataset.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+  info: DatasetInfo
+  # Example indices -> (uint8 [n, H, W, C], int32 [n]); None for toy2d.
+  fetch: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
+
+
+def _data_dir(data_cfg) -> str:
+  return os.path.expanduser(data_cfg.data_dir or _DEFAULT_DATA_DIR)
+
+
+def _open(data_cfg, split: str | None = None) -> _Source:
+  """The dataset data_cfg names; `split` overrides data_cfg.split."""
+  split = data_cfg.split if split is None else split
+  if data_cfg.name not in _NAMES:
+    raise ValueError(f"data.name={data_cfg.name!r} is not a dataset; valid: {_NAMES}.")
+  if data_cfg.name == "toy2d":
+    toy2d.component_classes(data_cfg.num_classes)  # Validates num_classes.
+    return _Source(DatasetInfo("toy2d", (2,), int(data_cfg.num_classes), None))
+  if data_cfg.name == "digits":
+    return _open_digits(_data_dir(data_cfg), split)
+  return _open_catalog(data_cfg.name, _data_dir(data_cfg), split)
+
+
+@functools.lru_cache(maxsize=4)
+def _open_digits(data_dir: str, split: str) -> _Source:
+  """Prepares digits8x8 in data_dir if needed, then holds it in memory."""
+  builder = digits.Digits8x8(data_dir=data_dir, file_format="array_record")
+  if not builder.is_prepared():
+    config = tfds.download.DownloadConfig(try_download_gcs=False)
+    try:
+      builder.download_and_prepare(download_config=config)
+    except Exception:
+      # Another process on this host may have finished first and won the rename.
+      builder = digits.Digits8x8(data_dir=data_dir, file_format="array_record")
+      if not builder.is_prepared():
+        raise
+  images, labels = _read_all(builder.as_data_source(split=split))
+  images.flags.writeable = False
+  labels.flags.writeable = False
+  info = DatasetInfo("digits", images.shape[1:], 10, len(labels))
+  return _Source(info, lambda idx: (images[idx], labels[idx]))
+
+
+def _not_prepared(name: str, tfds_name: str, data_dir: str, why: str) -> str:
+  message = (
+      f"Dataset {name!r} (tfds {tfds_name!r}) {why} in data_dir={data_dir!r}. "
+      "gdistill never downloads at training time; prepare it once with:\n"
+      f"  tfds build {tfds_name} --data_dir={data_dir} --file_format=array_record")
+  if tfds_name.startswith("imagenet_resized"):
+    message += (
+        "\nimagenet_resized needs the ImageNet download: its builder fetches "
+        "Imagenet64_train_part1_npz.zip, Imagenet64_train_part2_npz.zip and "
+        "Imagenet64_val_npz.zip from image-net.org/data/downsample, which needs "
+        "an ImageNet account (https://image-net.org/download-images). Build it "
+        "where that works, then copy the imagenet_resized/ folder into data_dir.")
+  return message
+
+
+@functools.lru_cache(maxsize=4)
+def _open_catalog(name: str, data_dir: str, split: str) -> _Source:
+  """Random access (ArrayRecord) to a dataset already prepared in data_dir."""
+  tfds_name = _TFDS_NAMES[name]
+  # try_gcs=False: never look up gs://tfds-data; the builder only reads files.
+  builder = tfds.builder(tfds_name, data_dir=data_dir, try_gcs=False,
+                         file_format="array_record")
+  if not builder.is_prepared():
+    raise FileNotFoundError(_not_prepared(
+        name, tfds_name, data_dir, f"is not prepared (no {builder.data_path})"))
+  formats = builder.info.available_file_formats()
+  if tfds.core.FileFormat.ARRAY_RECORD not in formats:
+    raise FileNotFoundError(_not_prepared(
+        name, tfds_name, data_dir,
+        f"is prepared only as {sorted(f.value for f in formats)}, without the "
+        "random-access array_record files"))
+  source = builder.as_data_source(split=split)
+  features = builder.info.features
+  info = DatasetInfo(name, tuple(features["image"].shape),
+                     features["label"].num_classes, len(source))
+
+  def fetch(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return _stack(source.__getitems__(idx.tolist()))
+
+  return _Source(info, fetch)
+
+
+def _stack(examples: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+  images = np.stack([np.asarray(e["image"], np.uint8) for e in examples])
+  labels = np.asarray([e["label"] for e in examples], np.int32)
+  return images, labels
+
+
+def _read_all(source, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+  parts = [_stack(source.__getitems__(list(range(lo, min(lo + chunk, len(source))))))
+           for lo in range(0, len(source), chunk)]
+  return (np.concatenate([p[0] for p in parts]),
+          np.concatenate([p[1] for p in parts]))
+
+
+class _EpochOrder:
+  """Position p -> example perm_{p // N}[p % N]; keeps the last two epochs."""
+
+  def __init__(self, num_examples: int, seed: int):
+    self._n = num_examples
+    self._seed = seed
+    self._perms: dict[int, np.ndarray] = {}
+
+  def _perm(self, epoch: int) -> np.ndarray:
+    if epoch not in self._perms:
+      if len(self._perms) >= 2:
+        del self._perms[min(self._perms)]
+      rng = np.random.default_rng([self._seed, epoch])
+      self._perms[epoch] = rng.permutation(self._n)
+    return self._perms[epoch]
+
+  def indices(self, positions: np.ndarray) -> np.ndarray:
+    epochs = positions // self._n
+    out = np.empty_like(positions)
+    for epoch in np.unique(epochs):
+      rows = epochs == epoch
+      out[rows] = self._perm(int(epoch))[positions[rows] % self._n]
+    return out
+
+
+def _reader(data_cfg, source: _Source, *, global_batch_size: int, seed: int,
+            lo: int, hi: int) -> Callable[[int], dict[str, np.ndarray]]:
+  """step -> rows [lo, hi) of the global batch at that step."""
+  if global_batch_size < 1 or seed < 0:
+    raise ValueError(f"global_batch_size={global_batch_size}, seed={seed}: "
+                     "need global_batch_size >= 1 and seed >= 0.")
+  flip_images = bool(data_cfg.random_flip)
+  if source.fetch is None:
+    if flip_images:
+      raise ValueError("data.random_flip=True is only valid for image datasets, "
+                       f"not data.name={data_cfg.name!r}.")
+
+    def sample(step: int) -> dict[str, np.ndarray]:
+      rng = np.random.default_rng([seed, step])
+      points, labels = toy2d.sample_toy2d(rng, global_batch_size, source.info.num_classes)
+      return {"x": points[lo:hi], "label": labels[lo:hi]}
+    return sample
+
+  order = _EpochOrder(source.info.num_examples, seed)
+
+  def read(step: int) -> dict[str, np.ndarray]:
+    positions = step * global_batch_size + np.arange(lo, hi, dtype=np.int64)
+    images, labels = source.fetch(order.indices(positions))
+    x = images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+    if flip_images:
+      rng = np.random.default_rng([seed, step, _FLIP_STREAM])
+      flip = (rng.random(global_batch_size) < 0.5)[lo:hi]
+      x[flip] = x[flip][:, :, ::-1]  # [b, H, W, C]: mirror W.
+    assert x.shape == (hi - lo, *source.info.shape), x.shape
+    return {"x": x, "label": labels.astype(np.int32)}
+  return read
+
+
+def dataset_info(data_cfg) -> DatasetInfo:
+  """Shape, classes and size (digits: prepared on first use; catalog: must exist)."""
+  return _open(data_cfg).info
+
+
+def global_batch(data_cfg, *, global_batch_size: int, seed: int,
+                 step: int) -> dict[str, np.ndarray]:
+  """The whole global batch at `step`: {'x': f32 [B, ...], 'label': i32 [B]}."""
+  return _reader(data_cfg, _open(data_cfg), global_batch_size=global_batch_size,
+                 seed=seed, lo=0, hi=global_batch_size)(step)
+
+
+def load_array(data_cfg, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+  """The whole split: (uint8 [N, H, W, C], int32 [N]) in dataset order.
+
+  toy2d has no finite split: it returns a fixed reference sample,
+  (float32 [10000, 2], int32 [10000]) drawn with default_rng(0).
+  """
+  if data_cfg.name == "toy2d":
+    num_classes = _open(data_cfg).info.num_classes
+    return toy2d.sample_toy2d(np.random.default_rng(0), _TOY2D_REFERENCE_SIZE, num_classes)
+  source = _open(data_cfg, split)
+  return source.fetch(np.arange(source.info.num_examples))
+
+
+class Loader:
+  """Iterates (step, local batch) from start_step on; a daemon thread prefetches."""
+
+  def __init__(self, produce: Callable[[int], dict[str, np.ndarray]], *,
+               start_step: int, prefetch: int, info: DatasetInfo):
+    self.info = info
+    self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
+    self._stop = threading.Event()
+    self._error: BaseException | None = None
+    self._thread = threading.Thread(target=self._run, args=(produce, start_step),
+                                    name="gdistill-data", daemon=True)
+    self._thread.start()
+
+  def _run(self, produce: Callable[[int], dict[str, np.ndarray]], step: int) -> None:
+    try:
+      while self._put((step, produce(step))):
+        step += 1
+    except BaseException as error:  # pylint: disable=broad-exception-caught
+      self._put(_Failure(error))
+
+  def _put(self, item) -> bool:
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        pass
+    return False
+
+  def __iter__(self) -> "Loader":
+    return self
+
+  def __next__(self) -> tuple[int, dict[str, np.ndarray]]:
+    if self._error is not None:
+      raise self._error
+    while not self._stop.is_set():
+      try:
+        item = self._queue.get(timeout=1.0)
+      except queue.Empty:
+        if not self._thread.is_alive() and self._queue.empty():
+          raise RuntimeError("data loader thread exited without a batch") from None
+        continue
+      if isinstance(item, _Failure):
+        self._error = item.error
+        self.close()
+        raise item.error
+      return item
+    raise StopIteration
+
+  def close(self) -> None:
+    self._stop.set()
+    while True:  # Unblock a producer waiting on a full queue.
+      try:
+        self._queue.get_nowait()
+      except queue.Empty:
+        break
+    self._thread.join(timeout=5.0)
+
+  def __enter__(self) -> "Loader":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Failure:
+  error: BaseException
+
+
+def make_loader(data_cfg, *, global_batch_size: int, seed: int, start_step: int,
+                process_index: int = 0, process_count: int = 1,
+                prefetch: int = 2) -> Loader:
+  """This process's rows of the global batch at start_step, start_step + 1, ..."""
+  if global_batch_size % process_count or not 0 <= process_index < process_count:
+    raise ValueError(
+        f"global_batch_size={global_batch_size}, process_index={process_index}, "
+        f"process_count={process_count}: the batch must split evenly over processes "
+        "and 0 <= process_index < process_count.")
+  if prefetch < 1 or start_step < 0:
+    raise ValueError(f"prefetch={prefetch}, start_step={start_step}: "
+                     "need prefetch >= 1 and start_step >= 0.")
+  local = global_batch_size // process_count
+  lo, hi = process_index * local, (process_index + 1) * local
+  source = _open(data_cfg)  # Fails here, not in the thread, if data is missing.
+  read = _reader(data_cfg, source, global_batch_size=global_batch_size, seed=seed,
+                 lo=lo, hi=hi)
+  return Loader(read, start_step=start_step, prefetch=prefetch, info=source.info)
