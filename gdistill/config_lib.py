@@ -1,0 +1,195 @@
+"""Config building blocks shared by configs/*.py, and validation before any compile.
+
+A config is an ml_collections ConfigDict with every key declared once and locked. Sections:
+  stage, seed, init_from, workdir-independent settings;
+  data, model, diffusion, mesh, logical_axis_rules, checkpoint, log;
+  teacher, guided, progressive: one training section per stage kind (train_section below);
+  sample, eval: the sample and evaluate modes.
+`validate(config, ...)` checks everything it can before JAX compiles anything and raises
+ConfigError naming the key, the value and what would be valid.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+import ml_collections
+
+STAGES = ("teacher", "guided", "progressive", "pipeline")
+DTYPES = ("float32", "bfloat16", "float16")
+SCHEDULES = ("constant", "cosine", "linear")
+MODELS = ("unet", "mlp")
+DATASETS = ("digits", "toy2d", "cifar10", "imagenet64")
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names key, value and what is valid."""
+
+
+def train_section(*, num_steps, batch_size, lr, warmup_steps=0, schedule="constant",
+                  grad_clip=1.0, ema_decay=0.0, dropout=None, b1=0.9, b2=0.999,
+                  max_nonfinite=10):
+  """One stage's training settings (teacher, guided or each progressive round)."""
+  return ml_collections.ConfigDict(dict(
+      num_steps=num_steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
+      schedule=schedule, grad_clip=grad_clip, ema_decay=ema_decay,
+      # None: the model's own dropout; progressive rounds default to 0.
+      dropout=ml_collections.FieldReference(dropout, field_type=float),
+      b1=b1, b2=b2, max_nonfinite=max_nonfinite))
+
+
+def default_logical_axis_rules():
+  """Logical axis -> mesh axis. FSDP shards the output features of every Dense/conv."""
+  return (("embed", None), ("mlp", "fsdp"), ("vocab", None), ("norm", None), ("bias", None),
+          ("conv_h", None), ("conv_w", None))
+
+
+def base_config():
+  """Every key of a gdistill config with a neutral default; configs/*.py fill it in."""
+  c = ml_collections.ConfigDict()
+  c.stage = "pipeline"
+  c.seed = 0
+  c.init_from = ""  # an export dir to start stage guided/progressive from
+  c.data = dict(name="digits", data_dir="", split="train", random_flip=False, num_classes=10)
+  c.model = dict(name="unet", ch=64, ch_mult=(1, 2), num_res_blocks=2, attn_resolutions=(4,),
+                 head_dim=32, dropout=0.1, num_groups=32, resblock_updown=True, remat=False,
+                 num_classes=10, channels=1, image_size=8, parametrization="v",
+                 w_scale=4.0, dtype="float32", param_dtype="float32")
+  c.diffusion = dict(logsnr_min=-20.0, logsnr_max=20.0, weighting="snr_trunc", clip_x=True,
+                     p_uncond=0.1, w_min=0.0, w_max=4.0)
+  c.teacher = train_section(num_steps=1000, batch_size=128, lr=3e-4, warmup_steps=100,
+                            ema_decay=0.999, dropout=None)
+  c.guided = train_section(num_steps=500, batch_size=128, lr=1e-4, warmup_steps=0,
+                           ema_decay=0.999, dropout=0.0)
+  c.progressive = train_section(num_steps=200, batch_size=128, lr=1e-4, schedule="linear",
+                                ema_decay=0.0, dropout=0.0)
+  c.progressive.start_steps = 64   # N0: the first round's teacher samples in N0 steps
+  c.progressive.end_steps = 1
+  c.mesh = dict(data=-1, fsdp=1)   # -1: all remaining devices
+  c.logical_axis_rules = default_logical_axis_rules()
+  c.checkpoint = dict(every_steps=200, keep=3, async_save=True)
+  c.log = dict(every_steps=50, sample_every_steps=0, sample_w=(0.0, 1.0, 4.0),
+               samples_per_class=1, sample_steps=0)
+  c.sample = dict(stage="latest", w=1.0, steps=0, sampler="ddim", num_samples=100,
+                  labels=ml_collections.FieldReference(None, field_type=tuple), seed=0,
+                  out="samples.npz")
+  c.eval = dict(w=(0.0, 1.0, 2.0, 4.0), steps=(1, 2, 4, 8, 16), samplers=("ddim", "stochastic"),
+                num_samples=1000, batch_size=500, classifier_steps=600)
+  return c
+
+
+def config_hash(section) -> str:
+  """Stable short hash of a ConfigDict section (or any JSON-able value)."""
+  d = section.to_dict() if hasattr(section, "to_dict") else section
+  return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+ARCH_KEYS = ("name", "ch", "ch_mult", "num_res_blocks", "attn_resolutions", "head_dim",
+             "num_groups", "resblock_updown", "num_classes", "channels", "image_size",
+             "parametrization", "w_scale", "param_dtype")
+
+
+def arch_dict(model_cfg) -> dict:
+  """The model keys that fix the parameters (not dropout, compute dtype or remat)."""
+  d = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
+  return {k: (list(d[k]) if isinstance(d[k], (tuple, list)) else d[k]) for k in ARCH_KEYS}
+
+
+def arch_hash(model_cfg) -> str:
+  return config_hash(arch_dict(model_cfg))
+
+
+def _is_pow2(n) -> bool:
+  return isinstance(n, int) and n >= 1 and (n & (n - 1)) == 0
+
+
+def _need(ok: bool, key: str, value, valid: str):
+  if not ok:
+    raise ConfigError(f"config.{key}={value!r} is invalid: {valid}")
+
+
+def validate(c, *, num_devices: int, num_processes: int = 1, dataset_info=None):
+  """Raises ConfigError for the first value that cannot work. Call before any compile."""
+  _need(c.stage in STAGES, "stage", c.stage, f"one of {STAGES}")
+  m, dcfg = c.model, c.diffusion
+  _need(m.name in MODELS, "model.name", m.name, f"one of {MODELS}")
+  _need(c.data.name in DATASETS, "data.name", c.data.name, f"one of {DATASETS}")
+  from gdistill import diffusion
+  _need(m.parametrization in diffusion.PARAMETRIZATIONS, "model.parametrization",
+        m.parametrization, f"one of {diffusion.PARAMETRIZATIONS}")
+  _need(dcfg.weighting in diffusion.WEIGHTINGS, "diffusion.weighting", dcfg.weighting,
+        f"one of {diffusion.WEIGHTINGS}")
+  for k in ("dtype", "param_dtype"):
+    _need(m[k] in DTYPES, f"model.{k}", m[k], f"one of {DTYPES}")
+  _need(0.0 <= dcfg.p_uncond < 1.0, "diffusion.p_uncond", dcfg.p_uncond, "must lie in [0, 1)")
+  _need(dcfg.w_min <= dcfg.w_max, "diffusion.w_min", dcfg.w_min,
+        f"must be <= diffusion.w_max={dcfg.w_max}")
+  _need(dcfg.w_min >= 0.0, "diffusion.w_min", dcfg.w_min, "guidance strength w must be >= 0")
+  _need(dcfg.logsnr_min < dcfg.logsnr_max, "diffusion.logsnr_min", dcfg.logsnr_min,
+        f"must be < diffusion.logsnr_max={dcfg.logsnr_max}")
+  _need(m.w_scale > 0, "model.w_scale", m.w_scale, "must be > 0")
+  p = c.progressive
+  _need(_is_pow2(p.start_steps), "progressive.start_steps", p.start_steps,
+        "must be a power of two >= 2 (e.g. 1024)")
+  _need(p.start_steps >= 2, "progressive.start_steps", p.start_steps, "must be >= 2")
+  _need(_is_pow2(p.end_steps), "progressive.end_steps", p.end_steps,
+        "must be a power of two (e.g. 1)")
+  _need(p.end_steps < p.start_steps, "progressive.end_steps", p.end_steps,
+        f"must be < progressive.start_steps={p.start_steps}")
+  for name in ("teacher", "guided", "progressive"):
+    s = c[name]
+    _need(s.schedule in SCHEDULES, f"{name}.schedule", s.schedule, f"one of {SCHEDULES}")
+    _need(s.num_steps >= 1, f"{name}.num_steps", s.num_steps, "must be >= 1")
+    _need(0.0 <= s.ema_decay < 1.0, f"{name}.ema_decay", s.ema_decay, "must lie in [0, 1)")
+    _need(s.lr > 0, f"{name}.lr", s.lr, "must be > 0")
+    _need(s.dropout is None or 0.0 <= s.dropout < 1.0, f"{name}.dropout", s.dropout,
+          "None (the model's) or in [0, 1)")
+    _need(s.batch_size % num_devices == 0, f"{name}.batch_size", s.batch_size,
+          f"the global batch must be divisible by the {num_devices} devices")
+    _need(s.batch_size % num_processes == 0, f"{name}.batch_size", s.batch_size,
+          f"the global batch must be divisible by the {num_processes} processes")
+  mesh_data, mesh_fsdp = c.mesh.data, c.mesh.fsdp
+  _need(mesh_fsdp >= 1 and num_devices % mesh_fsdp == 0, "mesh.fsdp", mesh_fsdp,
+        f"must divide the {num_devices} devices")
+  want = num_devices // mesh_fsdp
+  _need(mesh_data in (-1, want), "mesh.data", mesh_data,
+        f"-1 or {want} (devices {num_devices} / fsdp {mesh_fsdp})")
+  rule_names = {r[0] for r in c.logical_axis_rules}
+  from gdistill.models.layers import LOGICAL_AXES
+  missing = [a for a in LOGICAL_AXES if a not in rule_names]
+  _need(not missing, "logical_axis_rules", c.logical_axis_rules,
+        f"must map every logical axis; missing {missing}")
+  for name, target in c.logical_axis_rules:
+    _need(target in (None, "data", "fsdp"), "logical_axis_rules", (name, target),
+          "mesh axis must be None, 'data' or 'fsdp'")
+  if m.name == "unet":
+    levels = len(m.ch_mult)
+    _need(m.image_size % (2 ** (levels - 1)) == 0, "model.image_size", m.image_size,
+          f"must be divisible by 2^(levels-1) = {2 ** (levels - 1)} for ch_mult={tuple(m.ch_mult)}")
+    reached = {m.image_size // 2 ** i for i in range(levels)}
+    bad = [r for r in m.attn_resolutions if r not in reached]
+    _need(not bad, "model.attn_resolutions", tuple(m.attn_resolutions),
+          f"resolutions {bad} are never reached; the U-Net has {sorted(reached, reverse=True)}")
+    for mult in list(m.ch_mult) + [1]:
+      ch = m.ch * mult
+      _need(ch % m.num_groups == 0, "model.num_groups", m.num_groups,
+            f"must divide every level's channels (ch {m.ch} x mult {mult} = {ch})")
+      _need(not m.attn_resolutions or ch % m.head_dim == 0, "model.head_dim", m.head_dim,
+            f"must divide the channels of attention levels (ch {m.ch} x mult {mult} = {ch})")
+  if dataset_info is not None:
+    want_shape = ((m.image_size, m.image_size, m.channels) if m.name == "unet"
+                  else (m.channels,))
+    _need(tuple(dataset_info.shape) == want_shape, "model.image_size/channels",
+          (m.image_size, m.channels),
+          f"dataset {dataset_info.name!r} has examples of shape {tuple(dataset_info.shape)}, "
+          f"the model expects {want_shape}")
+    _need(dataset_info.num_classes == m.num_classes, "model.num_classes", m.num_classes,
+          f"dataset {dataset_info.name!r} has {dataset_info.num_classes} classes")
+  from gdistill import sampling
+  _need(c.sample.sampler in sampling.SAMPLERS, "sample.sampler", c.sample.sampler,
+        f"one of {sampling.SAMPLERS}")
+  for s in c.eval.samplers:
+    _need(s in sampling.SAMPLERS, "eval.samplers", tuple(c.eval.samplers),
+          f"each one of {sampling.SAMPLERS}")
+  _need(math.isfinite(c.sample.w) and c.sample.w >= 0, "sample.w", c.sample.w, "must be >= 0")

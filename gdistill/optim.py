@@ -1,0 +1,39 @@
+"""Optimizer and EMA from a stage's training section."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def lr_schedule(section) -> optax.Schedule:
+  """Linear warm-up to lr, then 'constant', 'cosine' (to 0) or 'linear' (to 0) at num_steps."""
+  lr, warm, total = float(section.lr), int(section.warmup_steps), int(section.num_steps)
+  rest = max(total - warm, 1)
+  if section.schedule == "constant":
+    main = optax.constant_schedule(lr)
+  elif section.schedule == "cosine":
+    main = optax.cosine_decay_schedule(lr, rest)
+  elif section.schedule == "linear":
+    main = optax.linear_schedule(lr, 0.0, rest)
+  else:
+    raise ValueError(f"schedule={section.schedule!r}; valid: constant, cosine, linear")
+  if warm <= 0:
+    return main
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), main], [warm])
+
+
+def make_optimizer(section) -> optax.GradientTransformation:
+  """Adam with the schedule and global-norm clipping."""
+  return optax.chain(optax.clip_by_global_norm(float(section.grad_clip)),
+                     optax.adam(lr_schedule(section), b1=float(section.b1), b2=float(section.b2)))
+
+
+def ema_update(ema, params, decay: float):
+  """ema <- decay * ema + (1 - decay) * params."""
+  return jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype), ema, params)
+
+
+def tree_where(pred, new, old):
+  """new where pred else old, leaf by leaf (pred a scalar bool)."""
+  return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
