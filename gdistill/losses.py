@@ -2,7 +2,8 @@
 
 Each loss has the signature
   loss_fn(params, teacher_params, batch, rng) -> (loss scalar, aux dict of scalars)
-with batch = {'x': [B, ...] in [-1, 1], 'label': [B] int}. teacher_params is None for the
+with batch = {'x': [B, ...] in [-1, 1], 'label': [B] int, 'student_steps': int32 []} (the
+last is the round's N, read by progressive losses only). teacher_params is None for the
 teacher stage. The teacher's forwards run in inference mode under stop_gradient.
 """
 from __future__ import annotations
@@ -71,17 +72,19 @@ def progressive_target(teacher_x: Callable, z_t, logsnr_t, logsnr_t1, logsnr_t2,
   return jnp.where(diffusion.bcast(is_last, x_tilde), x2, x_tilde)
 
 
-def progressive_loss(student: Denoiser, teacher: Denoiser, dcfg, student_steps: int,
-                     clip_x: bool) -> Callable:
-  """Stage two round: the N-step student matches two DDIM steps of the 2N-step teacher."""
+def progressive_loss(student: Denoiser, teacher: Denoiser, dcfg, clip_x: bool) -> Callable:
+  """Stage two round: the N-step student matches two DDIM steps of the 2N-step teacher.
+
+  N = batch['student_steps'] is traced (an int32 scalar), so every round shares one compile.
+  """
   sched = _schedule(dcfg)
-  n = float(student_steps)
 
   def loss_fn(params, teacher_params, batch, rng):
-    x, label = batch["x"], batch["label"]
+    x, label, steps = batch["x"], batch["label"], batch["student_steps"]
     b = x.shape[0]
+    n = steps.astype(jnp.float32)
     r_i, r_eps, r_w, r_dropout = jax.random.split(rng, 4)
-    i = jax.random.randint(r_i, (b,), 0, student_steps)
+    i = jax.random.randint(r_i, (b,), 0, steps)
     t = (i + 1).astype(jnp.float32) / n
     lt, lt1, lt2 = sched(t), sched(t - 0.5 / n), sched(t - 1.0 / n)
     w = jax.random.uniform(r_w, (b,), minval=dcfg.w_min, maxval=dcfg.w_max)
@@ -98,13 +101,12 @@ def progressive_loss(student: Denoiser, teacher: Denoiser, dcfg, student_steps: 
   return loss_fn
 
 
-def make_loss(kind: str, *, student: Denoiser, teacher: Denoiser | None, dcfg,
-              student_steps: int | None = None) -> Callable:
+def make_loss(kind: str, *, student: Denoiser, teacher: Denoiser | None, dcfg) -> Callable:
   """The loss of a stage kind: 'teacher' | 'guided' | 'progressive'."""
   if kind == "teacher":
     return teacher_loss(student, dcfg)
   if kind == "guided":
     return guided_loss(student, teacher, dcfg)
   if kind == "progressive":
-    return progressive_loss(student, teacher, dcfg, student_steps, bool(dcfg.clip_x))
+    return progressive_loss(student, teacher, dcfg, bool(dcfg.clip_x))
   raise ValueError(f"unknown stage kind {kind!r}; valid: teacher, guided, progressive")

@@ -15,6 +15,8 @@ config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py[
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Working directory: checkpoints, exports, dashboards.")
 flags.DEFINE_enum("mode", "train", ["train"], "What to do.")
+flags.DEFINE_string("compilation_cache", "~/.cache/gdistill/xla",
+                    "Persistent XLA compilation cache directory ('' disables it).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -23,7 +25,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from absl import logging
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-  from gdistill import config_lib, preemption, train
+  from gdistill import config_lib, preemption, runtime, train
+  runtime.enable_compilation_cache(FLAGS.compilation_cache)
   preemption.install()
   try:
     if FLAGS.mode == "train":

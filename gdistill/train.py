@@ -174,7 +174,8 @@ def make_train_step(loss_fn: Callable, s: StageSetup, section, mesh, seed: int):
   batch_sh = sharding.batch_sharding(mesh)
   return jax.jit(step_fn,
                  in_shardings=(s.state_shardings, s.teacher_shardings,
-                               {"x": batch_sh, "label": batch_sh}),
+                               {"x": batch_sh, "label": batch_sh,
+                                "student_steps": sharding.replicated(mesh)}),
                  out_shardings=(s.state_shardings, sharding.replicated(mesh)),
                  donate_argnums=(0,))
 
@@ -239,7 +240,8 @@ def run_stage(config, workdir: str, stage: Stage, mesh) -> dict:
   seed = stage_seed(config, stage)
   extra = {"stage": stage.name, "seed": seed, "config_hash": config_lib.config_hash(config)}
   loss_fn = losses.make_loss(stage.kind, student=s.student, teacher=s.teacher,
-                             dcfg=config.diffusion, student_steps=stage.student_steps)
+                             dcfg=config.diffusion)
+  steps_arr = jax.device_put(np.int32(stage.student_steps or 0), sharding.replicated(mesh))
   step_fn = make_train_step(loss_fn, s, section, mesh, seed)
   sampler_fn = grid_sampler(config, stage, s)
   dash = dashboard.Dashboard(sdir, stage.name, total, int(section.batch_size), start)
@@ -276,6 +278,7 @@ def run_stage(config, workdir: str, stage: Stage, mesh) -> dict:
       if step >= total:
         break
       batch = sharding.global_batch_from_local(local, mesh, int(section.batch_size))
+      batch["student_steps"] = steps_arr
       state, metrics = step_fn(state, s.teacher_params, batch)
       if pending is not None:
         drain(pending)

@@ -10,3 +10,9 @@ import jax  # noqa: E402
 jax.config.update("jax_platforms", "cpu")
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# Tests compile the same quick-config steps many times (resume, kill, compare): share them.
+jax.config.update("jax_compilation_cache_dir",
+                  os.environ.get("GDISTILL_TEST_XLA_CACHE", "/tmp/gdistill_test_xla_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
