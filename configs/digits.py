@@ -15,21 +15,20 @@ def get_config(arg: str = ""):
   c.stage = "pipeline"
   c.data.name = "digits"
   c.data.num_classes = 10
-  c.model.update(dict(name="unet", ch=64, ch_mult=(1, 2), num_res_blocks=2,
-                      attn_resolutions=(4,), head_dim=32, dropout=0.1, num_groups=32,
+  c.model.update(dict(name="unet", ch=32, ch_mult=(1, 2), num_res_blocks=1,
+                      attn_resolutions=(4,), head_dim=32, dropout=0.1, num_groups=8,
                       num_classes=10, channels=1, image_size=8, parametrization="v"))
-  c.teacher.update(dict(num_steps=3000, batch_size=128, lr=1e-3, warmup_steps=100,
+  c.teacher.update(dict(num_steps=1200, batch_size=64, lr=2e-3, warmup_steps=50,
                         schedule="cosine", ema_decay=0.999))
-  c.guided.update(dict(num_steps=1000, batch_size=128, lr=3e-4, ema_decay=0.99))
-  c.progressive.update(dict(num_steps=300, batch_size=128, lr=3e-4, start_steps=64,
+  c.guided.update(dict(num_steps=400, batch_size=64, lr=3e-4, ema_decay=0.99))
+  c.progressive.update(dict(num_steps=200, batch_size=64, lr=3e-4, start_steps=32,
                             end_steps=1))
-  c.checkpoint.every_steps = 500
+  c.checkpoint.every_steps = 200
   c.log.every_steps = 100
   if arg == "quick":
-    c.model.update(dict(ch=32, num_res_blocks=1, head_dim=32, num_groups=8))
-    c.teacher.update(dict(num_steps=120, batch_size=64, warmup_steps=10))
-    c.guided.update(dict(num_steps=40, batch_size=64))
-    c.progressive.update(dict(num_steps=20, batch_size=64, start_steps=8))
+    c.teacher.update(dict(num_steps=250, warmup_steps=10))
+    c.guided.update(dict(num_steps=40))
+    c.progressive.update(dict(num_steps=20, start_steps=8))
     c.checkpoint.every_steps = 20
     c.log.every_steps = 20
     c.eval.update(dict(num_samples=200, batch_size=200, steps=(1, 2, 4), w=(0.0, 2.0),

@@ -277,3 +277,23 @@ def load_export(path: str, abstract_params) -> tuple[Any, dict]:
     _check_matches(stored, tree_summary(abstract_params), what=f"Export {params_dir}")
     params = ckptr.restore(params_dir, args=ocp.args.StandardRestore(abstract_params))
   return params, metadata
+
+
+def load_export_local(path: str, device=None) -> tuple[Any, dict]:
+  """(params, metadata) of an export on one device, its target built from param_summary.
+
+  For inspection, comparisons and tools that have no model config at hand.
+  """
+  metadata = load_export_metadata(path)
+  summary = metadata.get("param_summary")
+  if not summary:
+    raise ValueError(f"{path}/metadata.json has no param_summary; use load_export with a target")
+  sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
+  nested: dict = {}
+  for key, (shape, dtype) in summary.items():
+    node = nested
+    parts = key.split("/")
+    for p in parts[:-1]:
+      node = node.setdefault(p, {})
+    node[parts[-1]] = jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype), sharding=sharding)
+  return load_export(path, nested)

@@ -71,11 +71,17 @@ def base_config():
   c.checkpoint = dict(every_steps=200, keep=3, async_save=True)
   c.log = dict(every_steps=50, sample_every_steps=0, sample_w=(0.0, 1.0, 4.0),
                samples_per_class=1, sample_steps=0)
+  # --mode=sample: stage 'latest' | 'teacher' | 'guided' | 'progressive_N'; steps 0 = the
+  # stage's own N (N0 for teacher and guided); labels None = i % num_classes; out: relative
+  # paths are relative to the workdir.
   c.sample = dict(stage="latest", w=1.0, steps=0, sampler="ddim", num_samples=100,
                   labels=ml_collections.FieldReference(None, field_type=tuple), seed=0,
-                  out="samples.npz")
+                  out="samples.npz", batch_size=500)
+  # --mode=evaluate (gdistill/evaluate.py). inception_weights: the converted FID Inception
+  # (.npz or .safetensors), needed for cifar10/imagenet64.
   c.eval = dict(w=(0.0, 1.0, 2.0, 4.0), steps=(1, 2, 4, 8, 16), samplers=("ddim", "stochastic"),
-                num_samples=1000, batch_size=500, classifier_steps=600)
+                num_samples=1000, batch_size=500, classifier_steps=600, seed=0,
+                inception_weights="", enabled=True)  # enabled: evaluate at a pipeline's end
   return c
 
 
@@ -193,3 +199,20 @@ def validate(c, *, num_devices: int, num_processes: int = 1, dataset_info=None):
     _need(s in sampling.SAMPLERS, "eval.samplers", tuple(c.eval.samplers),
           f"each one of {sampling.SAMPLERS}")
   _need(math.isfinite(c.sample.w) and c.sample.w >= 0, "sample.w", c.sample.w, "must be >= 0")
+  from gdistill import api
+  _need(c.sample.stage == "latest" or bool(api.STAGE_RE.match(c.sample.stage)), "sample.stage",
+        c.sample.stage, api.STAGE_HELP)
+  _need(c.sample.steps >= 0, "sample.steps", c.sample.steps, "must be >= 0 (0: the stage's own)")
+  for k in ("num_samples", "batch_size"):
+    _need(c.sample[k] >= 1, f"sample.{k}", c.sample[k], "must be >= 1")
+  _need(c.sample.out.endswith(".npz"), "sample.out", c.sample.out, "must be an .npz path")
+  e = c.eval
+  _need(len(e.samplers) >= 1, "eval.samplers", tuple(e.samplers), "must name a sampler")
+  _need(len(e.w) >= 1 and all(math.isfinite(w) and w >= 0 for w in e.w), "eval.w", tuple(e.w),
+        "a non-empty tuple of guidance strengths >= 0")
+  _need(len(e.steps) >= 1 and all(isinstance(n, int) and n >= 1 for n in e.steps),
+        "eval.steps", tuple(e.steps), "a non-empty tuple of step counts >= 1")
+  _need(e.num_samples >= 2, "eval.num_samples", e.num_samples, "must be >= 2 (FID needs a "
+        "covariance)")
+  for k in ("batch_size", "classifier_steps"):
+    _need(e[k] >= 1, f"eval.{k}", e[k], "must be >= 1")

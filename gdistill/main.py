@@ -1,7 +1,9 @@
 """Command line: python -m gdistill.main --config=configs/<name>.py[:variant] --workdir=DIR.
 
---mode=train (default) runs config.stage; --config.key=value overrides any config key (the
-config is locked: a mistyped key fails).
+--mode=train (default) runs config.stage; --mode=sample writes config.sample's samples of a
+finished stage to an .npz; --mode=evaluate sweeps config.eval over the workdir's exports into
+<workdir>/eval/. --config.key=value overrides any config key (the config is locked: a mistyped
+key fails).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py[:variant]).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Working directory: checkpoints, exports, dashboards.")
-flags.DEFINE_enum("mode", "train", ["train"], "What to do.")
+flags.DEFINE_enum("mode", "train", ["train", "sample", "evaluate"], "What to do.")
 flags.DEFINE_string("compilation_cache", "~/.cache/gdistill/xla",
                     "Persistent XLA compilation cache directory ('' disables it).")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -31,6 +33,12 @@ def main(argv):
   try:
     if FLAGS.mode == "train":
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    elif FLAGS.mode == "sample":
+      from gdistill import evaluate
+      evaluate.sample_to_file(FLAGS.config, FLAGS.workdir)
+    elif FLAGS.mode == "evaluate":
+      from gdistill import evaluate
+      evaluate.evaluate_workdir(FLAGS.config, FLAGS.workdir)
   except preemption.Preempted as e:
     print(str(e), flush=True)
     sys.exit(0)

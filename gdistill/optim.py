@@ -29,7 +29,13 @@ def make_optimizer(section) -> optax.GradientTransformation:
                      optax.adam(lr_schedule(section), b1=float(section.b1), b2=float(section.b2)))
 
 
-def ema_update(ema, params, decay: float):
+def ema_decay_at(step, decay: float):
+  """EMA warm-up: min(decay, (1 + step) / (10 + step)), so short runs are not stuck at init."""
+  step = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def ema_update(ema, params, decay):
   """ema <- decay * ema + (1 - decay) * params."""
   return jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype), ema, params)
 

@@ -28,10 +28,28 @@ def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
+def _fit(spec: P, shape, mesh) -> P:
+  """Drops mesh axes from dims they do not divide (e.g. a 1-channel output conv): replicated."""
+  out = []
+  for i, axes in enumerate(tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+    size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+    out.append(axes if size > 1 and shape[i] % size == 0 else None)
+  return P(*out)
+
+
 def logical_shardings(boxed_abstract, mesh, rules):
-  """NamedShardings for a tree of nn.Partitioned (abstract) params under the rules."""
+  """NamedShardings for a tree of nn.Partitioned (abstract) params under the rules.
+
+  A dim that the mapped mesh axes do not divide stays replicated.
+  """
   specs = nn.get_partition_spec(boxed_abstract)
-  return nn.logical_to_mesh_sharding(specs, mesh, tuple(tuple(r) for r in rules))
+  mesh_specs = nn.logical_to_mesh(specs, tuple(tuple(r) for r in rules))
+  shapes = jax.tree.map(lambda x: x.shape, nn.unbox(boxed_abstract))
+  fitted = jax.tree.map(lambda sp, shp: _fit(sp, shp, mesh), mesh_specs, shapes,
+                        is_leaf=lambda x: isinstance(x, P))
+  return jax.tree.map(lambda sp: NamedSharding(mesh, sp), fitted,
+                      is_leaf=lambda x: isinstance(x, P))
 
 
 def replicated(mesh) -> NamedSharding:

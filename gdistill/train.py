@@ -165,7 +165,8 @@ def make_train_step(loss_fn: Callable, s: StageSetup, section, mesh, seed: int):
            "params": optim.tree_where(finite, params, state["params"]),
            "opt_state": optim.tree_where(finite, opt_state, state["opt_state"])}
     if "ema" in state:
-      new["ema"] = optim.tree_where(finite, optim.ema_update(state["ema"], params, ema_decay),
+      new["ema"] = optim.tree_where(finite, optim.ema_update(
+          state["ema"], params, optim.ema_decay_at(state["step"], ema_decay)),
                                     state["ema"])
     metrics = {"loss": loss, "grad_norm": gnorm, "lr": schedule(state["step"]),
                "nonfinite": (~finite).astype(jnp.int32), **aux}
@@ -316,12 +317,13 @@ def run_stage(config, workdir: str, stage: Stage, mesh) -> dict:
   return ckpt_lib.load_export_metadata(edir)
 
 
-def prepare(config, workdir: str):
+def prepare(config, workdir: str, devices=None):
   """Validation before any compile (config + dataset), the mesh and the saved config."""
+  devices = list(devices if devices is not None else jax.devices())
   info = data.dataset_info(config.data)
-  config_lib.validate(config, num_devices=jax.device_count(),
+  config_lib.validate(config, num_devices=len(devices),
                       num_processes=jax.process_count(), dataset_info=info)
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh, devices)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -329,9 +331,12 @@ def prepare(config, workdir: str):
   return mesh
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Runs config.stage ('teacher' | 'guided' | 'progressive' | 'pipeline') in workdir."""
-  mesh = prepare(config, workdir)
+def train_and_evaluate(config, workdir: str, devices=None) -> dict:
+  """Runs config.stage ('teacher' | 'guided' | 'progressive' | 'pipeline') in workdir.
+
+  devices: the devices of the mesh (default: all of them).
+  """
+  mesh = prepare(config, workdir, devices)
   plan = make_plan(config)
   results = {}
   t0 = time.time()

@@ -1,0 +1,232 @@
+"""Python API: load a finished stage of a workdir and sample from it.
+
+  model = gdistill.load("workdirs/digits")               # the last finished stage
+  x = model.sample(np.arange(10), w=2.0)                 # float32 [10, 8, 8, 1] in [-1, 1]
+  teacher = gdistill.load("workdirs/digits", "teacher")  # guided DDIM, 2 NFE per step
+
+The model is rebuilt from <workdir>/config.json (written by train.prepare) with the
+architecture and schedule each export records in its metadata.json; parameters are replicated
+over all devices and every batch is split over them. One compiled sampler serves every step
+count (N is traced) for a given sampler kind and batch size.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Optional, Sequence, Union
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+
+from gdistill import checkpoint as ckpt_lib
+from gdistill import sampling, sharding
+from gdistill.denoiser import Denoiser, build_denoiser
+from gdistill.train import example_shape, export_dir, is_finished
+
+STAGE_RE = re.compile(r"^(teacher|guided|progressive_([1-9][0-9]*))$")
+STAGE_HELP = "'teacher', 'guided', 'progressive_N' or 'latest'"
+
+
+class StageNotFoundError(FileNotFoundError):
+  """The asked stage has no finished export in the workdir."""
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a workdir was trained with (<workdir>/config.json)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} is missing: {workdir!r} is not a gdistill workdir "
+                            "(train writes config.json before its first stage)")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def _plan_order(name: str) -> tuple[int, int]:
+  m = STAGE_RE.match(name)
+  if m.group(2):
+    return (2, -int(m.group(2)))
+  return (0 if name == "teacher" else 1, 0)
+
+
+def finished_stages(workdir: str) -> list[str]:
+  """Names of the stages with a complete export, in plan order (teacher, guided, N desc)."""
+  if not os.path.isdir(workdir):
+    return []
+  names = [n for n in os.listdir(workdir) if STAGE_RE.match(n) and is_finished(workdir, n)]
+  return sorted(names, key=_plan_order)
+
+
+def resolve_stage(workdir: str, stage: str = "latest") -> str:
+  """The stage name `stage` means in this workdir; StageNotFoundError lists what exists."""
+  available = finished_stages(workdir)
+  if stage != "latest" and not STAGE_RE.match(stage):
+    raise StageNotFoundError(f"stage={stage!r} is not a stage name; valid: {STAGE_HELP}. "
+                             f"Finished exports in {workdir}: {available or 'none'}")
+  if not available:
+    raise StageNotFoundError(f"{workdir} has no finished export (no <stage>/export/"
+                             "metadata.json); train a stage first")
+  if stage == "latest":
+    return available[-1]
+  if stage not in available:
+    raise StageNotFoundError(f"{workdir} has no finished export for stage {stage!r}; "
+                             f"available: {available}")
+  return stage
+
+
+def _stage_config(config, metadata: dict) -> ml_collections.ConfigDict:
+  """A copy of config whose model has the architecture the export recorded (the params fit
+  it even if config.json was rewritten since)."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.update(metadata["model"])
+  return config
+
+
+# Stages of one architecture share denoisers and samplers: parameters are arguments, so a
+# second stage (or a second Model of the same stage) compiles nothing new.
+_DENOISERS: dict = {}
+_SAMPLERS: dict = {}
+
+
+def _denoiser(model_cfg, w_conditioned: bool) -> Denoiser:
+  key = (json.dumps(model_cfg.to_dict(), sort_keys=True), w_conditioned)
+  if key not in _DENOISERS:
+    _DENOISERS[key] = build_denoiser(model_cfg, w_embedding=w_conditioned, dropout=0.0)
+  return _DENOISERS[key]
+
+
+def _shared_sampler(den: Denoiser, spec: sampling.SamplerSpec, shape):
+  key = (id(den), spec, tuple(shape))
+  if key not in _SAMPLERS:
+    _SAMPLERS[key] = sampling.make_sampler(den, spec, shape)
+  return _SAMPLERS[key]
+
+
+def _as_key(rng) -> jax.Array:
+  if rng is None:
+    return jax.random.key(0)
+  if isinstance(rng, (int, np.integer)):
+    return jax.random.key(int(rng))
+  if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    return rng
+  return jax.random.wrap_key_data(rng)  # a legacy uint32 [2] key
+
+
+class Model:
+  """One exported stage, ready to sample. Build it with `gdistill.load`."""
+
+  def __init__(self, *, workdir: str, stage: str, config, metadata: dict, params, mesh,
+               denoiser: Denoiser):
+    self.workdir, self.stage, self.config, self.metadata = workdir, stage, config, metadata
+    self.params, self.mesh, self.denoiser = params, mesh, denoiser
+    self.example_shape = example_shape(config)
+    sched = metadata["schedule"]
+    self._logsnr = (float(sched["logsnr_min"]), float(sched["logsnr_max"]))
+    self._clip = (-1.0, 1.0) if config.diffusion.clip_x else None
+
+  @property
+  def kind(self) -> str:
+    """'teacher' | 'guided' | 'progressive'."""
+    return self.metadata["kind"]
+
+  @property
+  def is_teacher(self) -> bool:
+    return not self.metadata["w_conditioned"]
+
+  @property
+  def default_steps(self) -> int:
+    """N of a progressive student; config.progressive.start_steps (N0) otherwise."""
+    return int(self.metadata.get("sampling_steps") or self.config.progressive.start_steps)
+
+  @property
+  def num_classes(self) -> int:
+    return int(self.denoiser.num_classes)
+
+  def nfe(self, steps: Optional[int] = None) -> int:
+    """Network evaluations for one sample: 2 N for the guided teacher, N for a student."""
+    steps = self.default_steps if steps is None else int(steps)
+    return (2 if self.is_teacher else 1) * steps
+
+  def spec(self, sampler: str = "ddim") -> sampling.SamplerSpec:
+    if self.is_teacher and sampler != "ddim":
+      raise ValueError(f"stage {self.stage!r} is the guided teacher: it samples with guided "
+                       f"DDIM only (sampler='ddim'), not {sampler!r}")
+    return sampling.SamplerSpec(sampler, guided=self.is_teacher, clip=self._clip,
+                                logsnr_min=self._logsnr[0], logsnr_max=self._logsnr[1])
+
+  def default_batch_size(self, n: int) -> int:
+    return self.round_batch(min(n, int(self.config.eval.batch_size)))
+
+  def round_batch(self, batch_size: int) -> int:
+    """The batch rounded up to a multiple of the device count (it is split over devices)."""
+    d = self.mesh.devices.size
+    return max(d, -(-int(batch_size) // d) * d)
+
+  def sample(self, labels: Union[Sequence[int], np.ndarray], w: Union[float, np.ndarray] = 0.0,
+             steps: Optional[int] = None, sampler: str = "ddim", rng=None,
+             batch_size: Optional[int] = None) -> np.ndarray:
+    """Samples float32 [len(labels), *example_shape] in the data range ([-1, 1] for images).
+
+    w: guidance strength (scalar or one per label); x_w = (1 + w) x_cond - w x_uncond.
+    steps: N (None: the stage's default). sampler: 'ddim' or 'stochastic' (students only).
+    rng: an int seed or a jax key (None: seed 0); batch b uses fold_in(rng, b), so the same
+    rng, labels and batch_size give the same samples. The last batch is padded.
+    """
+    labels = np.asarray(labels, np.int32).reshape(-1)
+    n = labels.shape[0]
+    if n == 0:
+      return np.zeros((0,) + self.example_shape, np.float32)
+    if labels.min() < 0 or labels.max() >= self.num_classes:
+      raise ValueError(f"labels span {labels.min()}..{labels.max()}; the model has "
+                       f"{self.num_classes} classes (0..{self.num_classes - 1})")
+    w = np.broadcast_to(np.asarray(w, np.float32), (n,))
+    steps = self.default_steps if steps is None else int(steps)
+    if steps < 1:
+      raise ValueError(f"steps={steps}: must be >= 1")
+    bs = self.round_batch(batch_size) if batch_size else self.default_batch_size(n)
+    fn = self._sampler(sampler)
+    key = _as_key(rng)
+    batch_sh = sharding.batch_sharding(self.mesh)
+    out = []
+    for b, lo in enumerate(range(0, n, bs)):
+      keep = min(bs, n - lo)
+      lab = np.zeros((bs,), np.int32)
+      lab[:keep] = labels[lo:lo + keep]
+      ww = np.zeros((bs,), np.float32)
+      ww[:keep] = w[lo:lo + keep]
+      x = fn(self.params, jax.random.fold_in(key, b), jax.device_put(lab, batch_sh),
+             jax.device_put(ww, batch_sh), np.int32(steps))
+      out.append(np.asarray(jax.device_get(x), np.float32)[:keep])
+    return np.concatenate(out)
+
+  def compile(self, sampler: str = "ddim", batch_size: int = 1) -> None:
+    """Compiles (by running one step) the sampler for this batch size, so timings skip it."""
+    self.sample(np.zeros((self.round_batch(batch_size),), np.int32), steps=1, sampler=sampler,
+                batch_size=batch_size)
+
+  def _sampler(self, sampler: str):
+    return _shared_sampler(self.denoiser, self.spec(sampler), self.example_shape)
+
+  def __repr__(self) -> str:
+    return (f"Model(stage={self.stage!r}, kind={self.kind!r}, default_steps="
+            f"{self.default_steps}, nfe={self.nfe()}, workdir={self.workdir!r})")
+
+
+def load(workdir: str, stage: str = "latest") -> Model:
+  """The finished stage `stage` of workdir: 'teacher', 'guided', 'progressive_N' or 'latest'
+  (the last finished stage in plan order: the smallest-N progressive student, else guided,
+  else teacher). Raises StageNotFoundError listing the finished exports."""
+  name = resolve_stage(workdir, stage)
+  path = export_dir(workdir, name)
+  metadata = ckpt_lib.load_export_metadata(path)
+  config = _stage_config(read_config(workdir), metadata)
+  den = _denoiser(config.model, bool(metadata["w_conditioned"]))
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)))
+  rep = sharding.replicated(mesh)
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
+                          nn.unbox(den.init_abstract(example_shape(config))))
+  params, metadata = ckpt_lib.load_export(path, abstract)
+  return Model(workdir=workdir, stage=name, config=config, metadata=metadata, params=params,
+               mesh=mesh, denoiser=den)
