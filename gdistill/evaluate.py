@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import time
-from typing import Callable, Optional
+from typing import Callable
 
 import jax
 import numpy as np
@@ -269,6 +269,13 @@ def sample_to_file(config, workdir: str) -> dict:
   n, nc = int(s.num_samples), model.num_classes
   labels = (np.arange(n) % nc if s.labels is None
             else np.resize(np.asarray(s.labels, np.int32), n)).astype(np.int32)
+  if labels.min() < 0 or labels.max() >= nc:
+    raise config_lib.ConfigError(f"config.sample.labels={tuple(s.labels)!r} is invalid: the "
+                                 f"model has {nc} classes (0..{nc - 1})")
+  try:
+    model.spec(s.sampler)
+  except ValueError as e:
+    raise config_lib.ConfigError(f"config.sample.sampler={s.sampler!r} is invalid: {e}") from None
   steps = int(s.steps) or model.default_steps
   bs = model.round_batch(min(int(s.batch_size), n))
   t0 = time.perf_counter()

@@ -344,6 +344,12 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     for stage in plan:
       results[stage.name] = run_stage(config, workdir, stage, mesh)
   if jax.process_index() == 0:
-    print(f"plan {[s.name for s in plan]} finished in {(time.time() - t0) / 60:.1f} min",
+    print(f"plan {[s.name for s in plan]} trained in {(time.time() - t0) / 60:.1f} min",
           flush=True)
+  if config.stage == "pipeline" and config.eval.enabled:
+    from gdistill import evaluate
+    results["eval"] = evaluate.evaluate_workdir(config, workdir)
+    if jax.process_index() == 0:
+      print(f"pipeline finished in {(time.time() - t0) / 60:.1f} min; table: "
+            f"{os.path.join(workdir, 'eval', 'results.md')}", flush=True)
   return results

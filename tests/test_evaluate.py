@@ -48,10 +48,13 @@ def write_workdir(c, workdir: str) -> None:
   params, parent = {}, None
   for st in make_plan(c):
     den = train.student_denoiser(c, st)
-    p = nn.unbox(jax.jit(den.init_fn(shape))(jax.random.key(1)))
-    if st.kind == "guided":
-      p = student_params_from_teacher(params["teacher"], p)
-    elif st.kind == "progressive":
+    if st.kind == "teacher":  # 'rbg': XLA:CPU compiles threefry inits slowly
+      p = nn.unbox(jax.jit(den.init_fn(shape))(jax.random.key(1, impl="rbg")))
+    elif st.kind == "guided":  # the w-embedding at zero, as its zero-initialised last layer
+      zeros = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype),
+                           nn.unbox(den.init_abstract(shape)))
+      p = student_params_from_teacher(params["teacher"], zeros)
+    else:
       p = params[st.parent]
     params[st.name] = p
     meta = lineage.export_metadata(c, st, train_steps=1, parent=parent,
