@@ -131,7 +131,8 @@ def test_toy2d_pipeline_student_beats_teacher_at_4_steps(tmp_path):
 def test_kill_anywhere_then_rerun_is_bit_identical(tmp_path):
   """kill -9 during the teacher, stage one and a progressive round; the reruns end exactly
   where an uninterrupted run ends."""
-  ov = {"data.data_dir": str(tmp_path / "tfds"), "teacher.num_steps": 30,
+  ov = {"data.data_dir": str(tmp_path / "tfds"), "model.ch": 16, "model.head_dim": 16,
+        "model.num_groups": 4, "teacher.num_steps": 30,
         "guided.num_steps": 20, "progressive.num_steps": 10, "progressive.start_steps": 4,
         "checkpoint.every_steps": 5, "log.every_steps": 5, "eval.enabled": False}
   ref, wd = str(tmp_path / "ref"), str(tmp_path / "killed")
