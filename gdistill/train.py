@@ -181,7 +181,7 @@ def make_train_step(loss_fn: Callable, s: StageSetup, section, mesh, seed: int):
                  donate_argnums=(0,))
 
 
-def _grid(config, stage: Stage, s: StageSetup, params, sampler_fn, mesh) -> tuple[dict, np.ndarray]:
+def _grid(config, stage: Stage, params, sampler_fn) -> tuple[dict, np.ndarray]:
   """Samples one row per w (classes along the row) with the stage's model."""
   nc, ws = config.model.num_classes, tuple(config.log.sample_w)
   per = int(config.log.samples_per_class)
@@ -193,9 +193,9 @@ def _grid(config, stage: Stage, s: StageSetup, params, sampler_fn, mesh) -> tupl
   return {"labels": labels, "w": w, "steps": steps}, np.asarray(jax.device_get(x))
 
 
-def write_grid(config, stage: Stage, s: StageSetup, params, sampler_fn, mesh, step: int,
+def write_grid(config, stage: Stage, params, sampler_fn, step: int,
                dash: dashboard.Dashboard, workdir: str) -> str:
-  info, x = _grid(config, stage, s, params, sampler_fn, mesh)
+  info, x = _grid(config, stage, params, sampler_fn)
   path = os.path.join(stage_dir(workdir, stage.name), "samples", f"step_{step:07d}.png")
   if jax.process_index() != 0:
     return path
@@ -291,7 +291,7 @@ def run_stage(config, workdir: str, stage: Stage, mesh) -> dict:
       if done % ckpt_every == 0 or done == total:
         ck.save(done, state, extra)
       if sample_every and done % sample_every == 0 and done != total:
-        write_grid(config, stage, s, state.get("ema", state["params"]), sampler_fn, mesh, done,
+        write_grid(config, stage, state.get("ema", state["params"]), sampler_fn, done,
                    dash, workdir)
       if guard.should_stop(done):
         drain(pending)
@@ -309,7 +309,7 @@ def run_stage(config, workdir: str, stage: Stage, mesh) -> dict:
   meta = lineage.export_metadata(config, stage, train_steps=total, parent=s.parent_meta,
                                  parent_path=s.parent_path)
   ckpt_lib.save_export(edir, final, meta)
-  png = write_grid(config, stage, s, final, sampler_fn, mesh, total, dash, workdir)
+  png = write_grid(config, stage, final, sampler_fn, total, dash, workdir)
   ck.close()
   dash.close()
   if jax.process_index() == 0:
