@@ -20,7 +20,7 @@ def get_config(arg: str = ""):
                       num_classes=10, channels=1, image_size=8, parametrization="v"))
   c.teacher.update(dict(num_steps=1200, batch_size=64, lr=2e-3, warmup_steps=50,
                         schedule="cosine", ema_decay=0.999))
-  c.guided.update(dict(num_steps=700, batch_size=64, lr=3e-4, ema_decay=0.995))
+  c.guided.update(dict(num_steps=700, batch_size=64, lr=1e-3, ema_decay=0.995))
   c.progressive.update(dict(num_steps=150, batch_size=64, lr=3e-4, start_steps=32,
                             end_steps=1))
   c.checkpoint.every_steps = 200

@@ -148,13 +148,17 @@ def init_state(config, stage: Stage, s: StageSetup):
   return jax.jit(init, out_shardings=s.state_shardings)(rng, s.teacher_params)
 
 
-def make_train_step(loss_fn: Callable, s: StageSetup, section, mesh, seed: int):
-  """Jitted (state, teacher_params, batch) -> (state, metrics); donates the state."""
+def make_train_step(loss_fn: Callable, s: StageSetup, section, mesh):
+  """Jitted (state, teacher_params, batch) -> (state, metrics); donates the state.
+
+  The stage's seed and the student's step count travel in the batch (replicated scalars), so
+  every progressive round lowers to the same program and reuses one compilation.
+  """
   ema_decay = float(section.ema_decay)
   schedule = optim.lr_schedule(section)
 
   def step_fn(state, teacher_params, batch):
-    rng = jax.random.fold_in(jax.random.key(seed), state["step"])
+    rng = jax.random.fold_in(jax.random.key(batch["seed"]), state["step"])
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state["params"], teacher_params, batch, rng)
     gnorm = optax.global_norm(grads)
@@ -176,9 +180,17 @@ def make_train_step(loss_fn: Callable, s: StageSetup, section, mesh, seed: int):
   return jax.jit(step_fn,
                  in_shardings=(s.state_shardings, s.teacher_shardings,
                                {"x": batch_sh, "label": batch_sh,
-                                "student_steps": sharding.replicated(mesh)}),
+                                "student_steps": sharding.replicated(mesh),
+                                "seed": sharding.replicated(mesh)}),
                  out_shardings=(s.state_shardings, sharding.replicated(mesh)),
                  donate_argnums=(0,))
+
+
+def step_scalars(mesh, student_steps: int, seed: int) -> dict:
+  """The replicated scalars every train step takes beside the examples."""
+  rep = sharding.replicated(mesh)
+  return {"student_steps": jax.device_put(np.int32(student_steps), rep),
+          "seed": jax.device_put(np.int32(seed), rep)}
 
 
 def _grid(config, stage: Stage, params, sampler_fn) -> tuple[dict, np.ndarray]:
@@ -218,8 +230,13 @@ def grid_sampler(config, stage: Stage, s: StageSetup):
   return sampling.make_sampler(s.student, spec, example_shape(config))
 
 
-def run_stage(config, workdir: str, stage: Stage, mesh) -> dict:
-  """Trains one stage to its export (resuming if it has checkpoints); returns its metadata."""
+def run_stage(config, workdir: str, stage: Stage, mesh, programs: Optional[dict] = None) -> dict:
+  """Trains one stage to its export (resuming if it has checkpoints); returns its metadata.
+
+  programs: a dict shared across the stages of one plan; stages of the same kind (the
+  progressive rounds) reuse the jitted train step and grid sampler stored there instead of
+  tracing them again.
+  """
   edir = export_dir(workdir, stage.name)
   if is_finished(workdir, stage.name):
     meta = ckpt_lib.load_export_metadata(edir)
@@ -228,6 +245,8 @@ def run_stage(config, workdir: str, stage: Stage, mesh) -> dict:
     return meta
   section = config[stage.section]
   total = int(section.num_steps)
+  t_start = time.time()
+  t_first = None
   s = setup_stage(config, workdir, stage, mesh)
   sdir = stage_dir(workdir, stage.name)
   ck = ckpt_lib.StageCheckpointer(os.path.join(sdir, "checkpoints"),
@@ -240,11 +259,15 @@ def run_stage(config, workdir: str, stage: Stage, mesh) -> dict:
     start, state, _ = restored
   seed = stage_seed(config, stage)
   extra = {"stage": stage.name, "seed": seed, "config_hash": config_lib.config_hash(config)}
-  loss_fn = losses.make_loss(stage.kind, student=s.student, teacher=s.teacher,
-                             dcfg=config.diffusion)
-  steps_arr = jax.device_put(np.int32(stage.student_steps or 0), sharding.replicated(mesh))
-  step_fn = make_train_step(loss_fn, s, section, mesh, seed)
-  sampler_fn = grid_sampler(config, stage, s)
+  scalars = step_scalars(mesh, stage.student_steps or 0, seed)
+  programs = {} if programs is None else programs
+  key = (stage.kind, stage.section)
+  if key not in programs:
+    loss_fn = losses.make_loss(stage.kind, student=s.student, teacher=s.teacher,
+                               dcfg=config.diffusion)
+    programs[key] = (make_train_step(loss_fn, s, section, mesh),
+                     grid_sampler(config, stage, s))
+  step_fn, sampler_fn = programs[key]
   dash = dashboard.Dashboard(sdir, stage.name, total, int(section.batch_size), start)
   if jax.process_index() == 0:
     what = "resuming at step %d" % start if start else "starting"
@@ -279,7 +302,7 @@ def run_stage(config, workdir: str, stage: Stage, mesh) -> dict:
       if step >= total:
         break
       batch = sharding.global_batch_from_local(local, mesh, int(section.batch_size))
-      batch["student_steps"] = steps_arr
+      batch.update(scalars)
       state, metrics = step_fn(state, s.teacher_params, batch)
       if pending is not None:
         drain(pending)
@@ -287,6 +310,7 @@ def run_stage(config, workdir: str, stage: Stage, mesh) -> dict:
       done = step + 1
       if done == start + 1:
         jax.block_until_ready(metrics)      # first step includes compilation:
+        t_first = time.time() - t_start
         dash.reset_clock(done)              # rates and ETA count from here
       if done % ckpt_every == 0 or done == total:
         ck.save(done, state, extra)
@@ -309,11 +333,15 @@ def run_stage(config, workdir: str, stage: Stage, mesh) -> dict:
   meta = lineage.export_metadata(config, stage, train_steps=total, parent=s.parent_meta,
                                  parent_path=s.parent_path)
   ckpt_lib.save_export(edir, final, meta)
+  t_grid = time.time()
   png = write_grid(config, stage, final, sampler_fn, total, dash, workdir)
+  t_grid = time.time() - t_grid
   ck.close()
   dash.close()
   if jax.process_index() == 0:
-    print(f"[{stage.name}] done: export {edir}; samples {png}", flush=True)
+    first = "" if t_first is None else f"set-up and first step (compile) {t_first:.1f} s, "
+    print(f"[{stage.name}] done in {time.time() - t_start:.1f} s ({first}sample grid "
+          f"{t_grid:.1f} s): export {edir}; samples {png}", flush=True)
   return ckpt_lib.load_export_metadata(edir)
 
 
@@ -340,9 +368,10 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
   plan = make_plan(config)
   results = {}
   t0 = time.time()
+  programs = {}
   with jax.set_mesh(mesh):
     for stage in plan:
-      results[stage.name] = run_stage(config, workdir, stage, mesh)
+      results[stage.name] = run_stage(config, workdir, stage, mesh, programs)
   if jax.process_index() == 0:
     print(f"plan {[s.name for s in plan]} trained in {(time.time() - t0) / 60:.1f} min",
           flush=True)

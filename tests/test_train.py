@@ -54,12 +54,12 @@ def _run_steps(c, mesh, n):
     state = train.init_state(c, stage, s)
     from gdistill import losses
     step = train.make_train_step(losses.make_loss("teacher", student=s.student, teacher=None,
-                                                  dcfg=c.diffusion), s, c.teacher, mesh, 7)
+                                                  dcfg=c.diffusion), s, c.teacher, mesh)
     out = []
     for i in range(n):
       b = data.global_batch(c.data, global_batch_size=c.teacher.batch_size, seed=0, step=i)
       b = sharding.global_batch_from_local(b, mesh, c.teacher.batch_size)
-      b["student_steps"] = jax.device_put(np.int32(0), sharding.replicated(mesh))
+      b.update(train.step_scalars(mesh, 0, 7))
       state, m = step(state, None, b)
       out.append(float(m["loss"]))
   return out, state
