@@ -175,9 +175,17 @@ class Model:
     rng, labels and batch_size give the same samples. The last batch is padded.
     """
     labels = np.asarray(labels, np.int32).reshape(-1)
+    out = list(self.sample_batches(labels, w, steps, sampler, rng, batch_size))
+    return np.concatenate(out) if out else np.zeros((0,) + self.example_shape, np.float32)
+
+  def sample_batches(self, labels, w=0.0, steps: Optional[int] = None, sampler: str = "ddim",
+                     rng=None, batch_size: Optional[int] = None, start_batch: int = 0):
+    """Yields sample()'s output batch by batch from batch `start_batch` (a resumable loop:
+    batch b depends only on (rng, b, labels, w, steps), never on the batches before it)."""
+    labels = np.asarray(labels, np.int32).reshape(-1)
     n = labels.shape[0]
     if n == 0:
-      return np.zeros((0,) + self.example_shape, np.float32)
+      return
     if labels.min() < 0 or labels.max() >= self.num_classes:
       raise ValueError(f"labels span {labels.min()}..{labels.max()}; the model has "
                        f"{self.num_classes} classes (0..{self.num_classes - 1})")
@@ -189,8 +197,9 @@ class Model:
     fn = self._sampler(sampler)
     key = _as_key(rng)
     batch_sh = sharding.batch_sharding(self.mesh)
-    out = []
     for b, lo in enumerate(range(0, n, bs)):
+      if b < start_batch:
+        continue
       keep = min(bs, n - lo)
       lab = np.zeros((bs,), np.int32)
       lab[:keep] = labels[lo:lo + keep]
@@ -198,8 +207,7 @@ class Model:
       ww[:keep] = w[lo:lo + keep]
       x = fn(self.params, jax.random.fold_in(key, b), jax.device_put(lab, batch_sh),
              jax.device_put(ww, batch_sh), np.int32(steps))
-      out.append(np.asarray(jax.device_get(x), np.float32)[:keep])
-    return np.concatenate(out)
+      yield np.asarray(jax.device_get(x), np.float32)[:keep]
 
   def compile(self, sampler: str = "ddim", batch_size: int = 1) -> None:
     """Compiles (by running one step) the sampler for this batch size, so timings skip it."""

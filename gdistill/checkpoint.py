@@ -40,6 +40,10 @@ class CheckpointMismatchError(ValueError):
   """The stored tree (structure, shapes, dtypes) differs from the restore target."""
 
 
+class NoUsableCheckpointError(RuntimeError):
+  """Checkpoints exist but none can be read; nothing was deleted."""
+
+
 def _key_str(k) -> str:
   for attr in ("key", "name", "idx"):
     if hasattr(k, attr):
@@ -184,7 +188,7 @@ class StageCheckpointer:
 
     A checkpoint that orbax fails to read (truncated, garbage) is skipped with a warning
     and the previous retained one is tried. A CheckpointMismatchError is not corruption
-    and propagates. If every checkpoint fails, raises RuntimeError. Deletes nothing.
+    and propagates. If every checkpoint fails, raises NoUsableCheckpointError. Deletes nothing.
     """
     _require_shardings(abstract_state)
     failures = []
@@ -200,8 +204,9 @@ class StageCheckpointer:
         continue
       return step, state, extra
     if failures:
-      raise RuntimeError(
-          f"No usable checkpoint in {self.directory} (none deleted):\n" + "\n".join(failures))
+      raise NoUsableCheckpointError(
+          f"No usable checkpoint in {self.directory} (none deleted):\n" + "\n".join(failures)
+          + "\nMove the directory aside to start the stage afresh, or restore it from a backup.")
     return None
 
   def wait(self):

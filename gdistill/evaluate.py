@@ -26,7 +26,8 @@ from typing import Callable
 import jax
 import numpy as np
 
-from gdistill import api, config_lib, dashboard, data, metrics
+from gdistill import api, config_lib, dashboard, data, metrics, preemption
+from gdistill import checkpoint as ckpt_lib
 
 CLASSIFIER_DATASETS = ("digits", "toy2d")
 
@@ -129,9 +130,18 @@ def evaluate_workdir(config, workdir: str) -> dict:
   rng = jax.random.key(int(e.seed))
   primary = jax.process_index() == 0
   results, compile_s, model = [], {}, None
+  progress_path = os.path.join(eval_dir, "progress.json")
+  key = _sweep_key(config, workdir, stages)
+  cached = _load_progress(progress_path, key)
+  guard = preemption.Guard()
   setup_s = time.perf_counter() - t_start
   bar = tqdm(total=len(rows) * len(ws), desc="evaluate", unit="row", disable=not primary)
   for row in rows:
+    hits = [cached.get(_row_key(row, w)) for w in ws]
+    if all(hits):  # finished before an interruption: same models, same request
+      results += hits
+      bar.update(len(ws))
+      continue
     if model is None or model.stage != row.stage:
       model = None  # frees the previous stage's parameters first
       model = api.load(workdir, row.stage)
@@ -152,6 +162,13 @@ def evaluate_workdir(config, workdir: str) -> dict:
       bar.set_postfix_str(f"{row.stage} {row.sampler} N={row.steps} w={w:g} "
                           f"FID={scores['fid']:.2f}")
       bar.update()
+    if primary:
+      _write_json_atomic(progress_path, {"key": key, "rows": results})
+    if guard.should_stop(len(results)) and len(results) < len(rows) * len(ws):
+      bar.close()
+      raise preemption.Preempted(
+          f"[evaluate] preempted after {len(results)} of {len(rows) * len(ws)} results; "
+          f"saved in {progress_path}. Rerun the same command to continue.")
   bar.close()
   out = {"workdir": workdir, "feature": scorer.feature, "num_samples": len(labels),
          "batch_size": int(e.batch_size), "seed": int(e.seed),
@@ -164,6 +181,45 @@ def evaluate_workdir(config, workdir: str) -> dict:
     print(f"[evaluate] {len(rows)} rows x {len(ws)} w in {out['total_seconds']:.1f} s -> "
           f"{eval_dir}/results.md\n" + markdown_table(out, rows), flush=True)
   return out
+
+
+def _sweep_key(config, workdir: str, stages: list[str]) -> str:
+  """What the sweep's results depend on: the eval settings, the data and each export."""
+  exports = {st: str(ckpt_lib.load_export_metadata(api.export_dir(workdir, st)).get("created"))
+             for st in stages}
+  blob = json.dumps([config.eval.to_dict(), config.data.to_dict(), int(config.seed),
+                     int(config.progressive.start_steps), exports], sort_keys=True, default=str)
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _row_key(row: Row, w: float) -> str:
+  return f"{row.stage}/{row.sampler}/{row.steps}/{w:g}"
+
+
+def _load_progress(path: str, key: str) -> dict:
+  """{row key: result} from an interrupted sweep with the same key; {} otherwise."""
+  if not os.path.exists(path):
+    return {}
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (OSError, ValueError):
+    return {}
+  if saved.get("key") != key:
+    return {}
+  out = {}
+  for r in saved.get("rows", []):
+    out[f"{r['stage']}/{r['sampler']}/{r['steps']}/{r['w']:g}"] = r
+  if out and jax.process_index() == 0:
+    print(f"[evaluate] reusing {len(out)} results of an earlier run ({path})", flush=True)
+  return out
+
+
+def _write_json_atomic(path: str, obj) -> None:
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
 
 
 def _cell(v, fmt: str) -> str:
@@ -257,6 +313,40 @@ def _tensorboard(out: dict, rows: list[Row], md: str, logdir: str) -> None:
   writer.close()
 
 
+def _savez_atomic(path: str, arrays: dict) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "wb") as f:
+    np.savez(f, **arrays)
+  os.replace(tmp, path)
+
+
+def _sample_resumable(model, labels, w, steps, sampler, seed, bs, *, partial: str):
+  """model.sample, preemptible: on SIGTERM the finished batches go to `partial` (process 0)
+  and Preempted is raised; a rerun with the same request continues from there."""
+  key = hashlib.sha256(json.dumps(
+      [model.stage, model.metadata.get("created", ""), model.config.model.to_dict(), w, steps,
+       sampler, seed, bs], sort_keys=True, default=str).encode()
+      + np.ascontiguousarray(labels).tobytes()).hexdigest()[:16]
+  done = []
+  if os.path.exists(partial):
+    with np.load(partial, allow_pickle=False) as z:
+      if str(z["key"]) == key:
+        done = [z[f"b{i}"] for i in range(int(z["count"]))]
+        print(f"[sample] resuming after {len(done)} finished batches ({partial})", flush=True)
+  guard = preemption.Guard()
+  for i, xb in enumerate(model.sample_batches(labels, w=w, steps=steps, sampler=sampler,
+                                              rng=seed, batch_size=bs, start_batch=len(done))):
+    done.append(xb)
+    if guard.should_stop(len(done)) and len(done) * bs < len(labels):
+      if jax.process_index() == 0:
+        _savez_atomic(partial, {"key": np.array(key), "count": np.int32(len(done)),
+                                **{f"b{k}": v for k, v in enumerate(done)}})
+      raise preemption.Preempted(f"[sample] preempted after {len(done)} batches; saved to "
+                                 f"{partial}. Rerun the same command to continue.")
+  return np.concatenate(done) if done else np.zeros((0,) + model.example_shape, np.float32)
+
+
 def _resolve_out(workdir: str, out: str) -> str:
   return out if os.path.isabs(out) else os.path.join(workdir, out)
 
@@ -281,11 +371,11 @@ def sample_to_file(config, workdir: str) -> dict:
   t0 = time.perf_counter()
   model.compile(s.sampler, bs)
   compile_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  x = model.sample(labels, w=float(s.w), steps=steps, sampler=s.sampler, rng=int(s.seed),
-                   batch_size=bs)
-  seconds = time.perf_counter() - t0
   path = _resolve_out(workdir, s.out)
+  t0 = time.perf_counter()
+  x = _sample_resumable(model, labels, float(s.w), steps, s.sampler, int(s.seed), bs,
+                        partial=f"{path}.partial.npz")
+  seconds = time.perf_counter() - t0
   png = os.path.splitext(path)[0] + ".png"
   info = {"stage": model.stage, "w": float(s.w), "steps": steps, "sampler": s.sampler,
           "nfe": model.nfe(steps), "num_samples": n, "seconds": round(seconds, 4),
@@ -296,10 +386,9 @@ def sample_to_file(config, workdir: str) -> dict:
   arrays = ({"images": dashboard.to_uint8(x)} if x.ndim == 4 else {"points": x})
   arrays.update(labels=labels, w=np.float32(s.w), steps=np.int32(steps),
                 nfe=np.int32(info["nfe"]), stage=np.array(model.stage))
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
-    np.savez(f, **arrays)
-  os.replace(tmp, path)
+  _savez_atomic(path, arrays)
+  if os.path.exists(f"{path}.partial.npz"):
+    os.remove(f"{path}.partial.npz")
   title = f"{model.stage} {s.sampler} N={steps} w={float(s.w):g}"
   if x.ndim == 4:
     cols = min(n, nc)

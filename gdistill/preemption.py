@@ -12,6 +12,7 @@ import jax
 
 _flag = threading.Event()
 _installed = False
+_calls = 0  # should_stop calls in this process: the sync point's id (several processes)
 
 
 class Preempted(SystemExit):
@@ -31,10 +32,25 @@ def _handler(signum, frame):
   print(f"received signal {signum}: checkpointing at the next step boundary", flush=True)
 
 
+def _sync_service_running() -> bool:
+  """True when jax.distributed runs JAX's preemption sync manager (it owns SIGTERM then)."""
+  try:
+    from jax._src import distributed
+    return distributed.global_state.preemption_sync_manager is not None
+  except Exception:  # pylint: disable=broad-except  (private API moved: fall back)
+    return False
+
+
 def install() -> None:
-  """Installs the SIGTERM handler (main thread only; a no-op elsewhere)."""
+  """Installs the SIGTERM handler (main thread only; a no-op elsewhere).
+
+  With several processes under jax.distributed the preemption sync manager's own notifier
+  receives SIGTERM (a Python handler would hide it), so nothing is installed then.
+  """
   global _installed
   if _installed or threading.current_thread() is not threading.main_thread():
+    return
+  if jax.process_count() > 1 and _sync_service_running():
     return
   signal.signal(signal.SIGTERM, _handler)
   _installed = True
@@ -49,18 +65,23 @@ def reset() -> None:
 
 
 class Guard:
-  """should_stop(step) is True at the step where the run must checkpoint and stop."""
+  """should_stop(step) is True at the step where the run must checkpoint and stop.
+
+  One process: the SIGTERM flag. Several processes: JAX's preemption sync point, which needs
+  the same increasing ids on every process: it gets a per-process count of should_stop calls
+  (every process runs the same loops, so the counts agree across stages and evaluation),
+  not the loop's step, which restarts with each stage.
+  """
 
   def __init__(self):
     install()
-    self._multi = jax.process_count() > 1
+    self._multi = jax.process_count() > 1 and _sync_service_running()
 
   def should_stop(self, step: int) -> bool:
     if self._multi:
       from jax.experimental import multihost_utils
-      try:
-        # All processes agree on the step: never OR in the local flag here.
-        return bool(multihost_utils.reached_preemption_sync_point(step))
-      except Exception:  # preemption service not running (no jax.distributed)
-        self._multi = False
+      # All processes agree on the step: never OR in the local flag here.
+      global _calls
+      _calls += 1
+      return bool(multihost_utils.reached_preemption_sync_point(_calls))
     return _flag.is_set()

@@ -101,13 +101,20 @@ class StageSetup:
   teacher_shardings: Any
 
 
-def setup_stage(config, workdir: str, stage: Stage, mesh) -> StageSetup:
-  """Models, parent (checked and loaded), optimizer and the sharded abstract state."""
+def setup_stage(config, workdir: str, stage: Stage, mesh, *,
+                abstract_parent: bool = False) -> StageSetup:
+  """Models, parent (checked and loaded), optimizer and the sharded abstract state.
+
+  abstract_parent: the parent's parameters as sharded ShapeDtypeStructs and no file read
+  (--mode=compile lowers the step without any export).
+  """
   section = config[stage.section]
   student = student_denoiser(config, stage)
   teacher = teacher_denoiser(config, stage)
-  ppath = parent_path(config, workdir, stage)
+  ppath = None if abstract_parent else parent_path(config, workdir, stage)
   teacher_params = parent_meta = t_shard = None
+  if abstract_parent and teacher is not None:
+    teacher_params, t_shard, _ = abstract_params(teacher, config, mesh)
   if ppath is not None:
     parent_meta = ckpt_lib.load_export_metadata(ppath)
     lineage.check_parent(stage, config, parent_meta, ppath)
@@ -119,9 +126,9 @@ def setup_stage(config, workdir: str, stage: Stage, mesh) -> StageSetup:
   opt_shard = sharding.logical_shardings(opt_boxed, mesh, config.logical_axis_rules)
   opt_abs = sharding.with_shardings(nn.unbox(opt_boxed), opt_shard)
   rep = sharding.replicated(mesh)
-  shardings = {"step": rep, "params": p_shard, "opt_state": opt_shard}
-  abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), "params": p_abs,
-              "opt_state": opt_abs}
+  shardings = {"step": rep, "skipped": rep, "params": p_shard, "opt_state": opt_shard}
+  scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
+  abstract = {"step": scalar, "skipped": scalar, "params": p_abs, "opt_state": opt_abs}
   if section.ema_decay > 0:
     shardings["ema"], abstract["ema"] = p_shard, p_abs
   return StageSetup(student, teacher, teacher_params, parent_meta, ppath, optimizer,
@@ -139,7 +146,8 @@ def init_state(config, stage: Stage, s: StageSetup):
       p = student_params_from_teacher(teacher_params, p)
     elif stage.kind == "progressive":
       p = jax.tree.map(lambda t, q: t.astype(q.dtype), teacher_params, p)
-    state = {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": s.optimizer.init(p)}
+    state = {"step": jnp.zeros((), jnp.int32), "skipped": jnp.zeros((), jnp.int32), "params": p,
+             "opt_state": s.optimizer.init(p)}
     if use_ema:
       state["ema"] = p
     return state
@@ -166,6 +174,7 @@ def make_train_step(loss_fn: Callable, s: StageSetup, section, mesh):
     updates, opt_state = s.optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new = {"step": state["step"] + 1,
+           "skipped": state["skipped"] + (~finite).astype(jnp.int32),
            "params": optim.tree_where(finite, params, state["params"]),
            "opt_state": optim.tree_where(finite, opt_state, state["opt_state"])}
     if "ema" in state:
@@ -173,7 +182,7 @@ def make_train_step(loss_fn: Callable, s: StageSetup, section, mesh):
           state["ema"], params, optim.ema_decay_at(state["step"], ema_decay)),
                                     state["ema"])
     metrics = {"loss": loss, "grad_norm": gnorm, "lr": schedule(state["step"]),
-               "nonfinite": (~finite).astype(jnp.int32), **aux}
+               "nonfinite": (~finite).astype(jnp.int32), "skipped_total": new["skipped"], **aux}
     return new, metrics
 
   batch_sh = sharding.batch_sharding(mesh)

@@ -29,6 +29,7 @@ def _meta(c, stage, **kw):
   return m
 
 
+@pytest.mark.reliability
 def test_lineage_refusals():
   c = util.quick_config(**{"progressive.start_steps": 8})
   teacher, guided, p4, p2, p1 = plan.make_plan(c)
@@ -51,6 +52,7 @@ def test_lineage_refusals():
     lineage.check_parent(p4, c, _meta(c, guided, w_range=[0.0, 8.0]), "/x/guided")
 
 
+@pytest.mark.reliability
 def test_init_from_wrong_parent_is_refused_before_compile(tmp_path):
   c = util.quick_config(**{"data.data_dir": str(tmp_path / "tfds")})
   wd = str(tmp_path / "wd")
@@ -128,9 +130,10 @@ def test_toy2d_pipeline_student_beats_teacher_at_4_steps(tmp_path):
     assert e_s4 < e_t4
 
 
-def test_kill_anywhere_then_rerun_is_bit_identical(tmp_path):
-  """kill -9 during the teacher, stage one and a progressive round; the reruns end exactly
-  where an uninterrupted run ends."""
+@pytest.mark.reliability
+def test_kill_and_sigterm_anywhere_then_rerun_is_bit_identical(tmp_path):
+  """kill -9 during the teacher and a progressive round, SIGTERM during stage one; the reruns
+  end exactly where an uninterrupted run ends."""
   ov = {"data.data_dir": str(tmp_path / "tfds"), "model.ch": 16, "model.head_dim": 16,
         "model.num_groups": 4, "teacher.num_steps": 30,
         "guided.num_steps": 20, "progressive.num_steps": 10, "progressive.start_steps": 4,
@@ -139,17 +142,26 @@ def test_kill_anywhere_then_rerun_is_bit_identical(tmp_path):
   rc, out, _ = util.run_cli(ref, ov)
   assert rc == 0, out[-3000:]
   outs = []
-  for target in ("[teacher] step 15/", "[guided] step 10/", "[progressive_2] step 5/"):
-    rc, out, killed = util.run_cli(wd, ov, kill_on=target)
-    assert killed and rc == -signal.SIGKILL, out[-3000:]
+  for target, sig in (("[teacher] step 15/", signal.SIGKILL), ("[guided] step 10/", signal.SIGTERM),
+                      ("[progressive_2] step 5/", signal.SIGKILL)):
+    rc, out, killed = util.run_cli(wd, ov, kill_on=target, sig=sig)
+    assert killed, out[-3000:]
+    if sig == signal.SIGTERM:  # checkpoint at the next step boundary, then exit 0
+      assert rc == 0 and "[guided] preempted at step" in out, out[-3000:]
+      stopped = int(out.split("[guided] preempted at step ")[1].split(";")[0])
+      assert 10 <= stopped < 20
+    else:
+      assert rc == -signal.SIGKILL, out[-3000:]
     outs.append(out)
   rc, out, _ = util.run_cli(wd, ov)
   assert rc == 0, out[-3000:]
   outs.append(out)
   assert "[teacher] finished earlier" in out
-  # The kills land right after a checkpoint step: the reruns resume from a committed one
-  # (or, if the kill beat the async commit, from the one before).
-  assert "[teacher] resuming at step" in outs[1] and "[guided] resuming at step" in outs[2]
+  # SIGKILLs land right after a checkpoint step: the reruns resume from a committed one (or,
+  # if the kill beat the async commit, from the one before, or from the start of a round);
+  # SIGTERM saved its own step.
+  assert "[teacher] resuming at step" in outs[1]
+  assert f"[guided] resuming at step {stopped}" in outs[2]
   for stage in ("teacher", "guided", "progressive_2", "progressive_1"):
     a, ma = util.load_export(train.export_dir(ref, stage))
     b, mb = util.load_export(train.export_dir(wd, stage))

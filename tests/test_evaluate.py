@@ -227,3 +227,54 @@ def test_cli_sample_of_a_missing_stage_names_the_exports(workdir):
        "--compilation_cache="], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2, proc.stdout + proc.stderr
   assert "progressive_8" in proc.stderr and str(STAGES) in proc.stderr
+
+
+@pytest.mark.reliability
+def test_sigterm_in_evaluate_and_sample_saves_progress_and_reruns_match(workdir, tmp_path,
+                                                                        monkeypatch):
+  """A preemption inside the evaluation sweep or the sampling loop stops at the next row /
+  batch with its progress on disk; the rerun continues and ends where an uninterrupted run
+  ends."""
+  from gdistill import preemption
+  src, c = workdir
+  wd = str(tmp_path / "wd")
+  shutil.copytree(src, wd, ignore=shutil.ignore_patterns("eval", "samples", "*.npz"))
+  monkeypatch.setattr(preemption, "install", lambda: None)  # keep pytest's SIGTERM handler
+  total = 16  # 8 rows x 2 w
+  preemption._flag.set()  # what the SIGTERM handler does
+  try:
+    with pytest.raises(preemption.Preempted, match=f"preempted after 2 of {total} results"):
+      evaluate.evaluate_workdir(c, wd)
+  finally:
+    preemption.reset()
+  progress = os.path.join(wd, "eval", "progress.json")
+  with open(progress) as f:
+    saved = json.load(f)["rows"]
+  assert len(saved) == 2
+  assert not os.path.exists(os.path.join(wd, "eval", "results.json"))
+  resumed = evaluate.evaluate_workdir(c, wd)
+  assert resumed["rows"][:2] == saved  # reused as they were (timings included), not redone
+  os.remove(progress)
+  fresh = evaluate.evaluate_workdir(c, wd)
+  key = lambda r: (r["stage"], r["sampler"], r["steps"], r["w"], r["fid"], r["is"],
+                   r["accuracy"])
+  assert [key(r) for r in resumed["rows"]] == [key(r) for r in fresh["rows"]]
+  assert len(fresh["rows"]) == total
+  # The sampling loop: 3 batches of 16; preempted after the first.
+  c = c.copy_and_resolve_references()
+  c.sample.update(dict(stage="progressive_2", w=1.0, seed=5, batch_size=16))
+  preemption._flag.set()
+  try:
+    with pytest.raises(preemption.Preempted, match="after 1 batches"):
+      evaluate.sample_to_file(c, wd)
+  finally:
+    preemption.reset()
+  out = os.path.join(wd, "samples", "s.npz")
+  assert os.path.exists(out + ".partial.npz") and not os.path.exists(out)
+  evaluate.sample_to_file(c, wd)
+  assert not os.path.exists(out + ".partial.npz")
+  with np.load(out, allow_pickle=False) as f:
+    resumed_images = f["images"]
+  evaluate.sample_to_file(c, wd)  # uninterrupted
+  with np.load(out, allow_pickle=False) as f:
+    np.testing.assert_array_equal(f["images"], resumed_images)
