@@ -6,8 +6,9 @@
 1. An uninterrupted reference run of `configs/digits.py:quick` (training + evaluation), then
    `--mode=sample` from its final student.
 2. The same command in a second workdir, sent SIGKILL at `kills` random moments and SIGTERM at
-   `terms` more (in a random order), each after a random delay from the process start; after
-   each interruption the same command is simply rerun. Then one rerun to completion and the
+   `terms` more (in a random order): a few during start-up, most a random 0-3 s after a random
+   progress line (taken in pipeline order from the reference's metrics), the last ones inside
+   the evaluation. After each interruption the same command is simply rerun. Then one rerun to completion and the
    same `--mode=sample`.
 3. Checks: every stage's export bit-identical, the evaluation's FID / IS / accuracy identical,
    the final samples bit-identical. Prints one line per interruption (signal, delay, exit code,
@@ -22,7 +23,7 @@ import random
 import signal
 import subprocess
 import sys
-import tempfile
+import threading
 import time
 
 import numpy as np
@@ -41,26 +42,64 @@ def _env() -> dict:
               JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3")
 
 
-def run(cmd, *, sig=None, delay=None, timeout=1800) -> tuple[int, str]:
-  """Runs cmd; with sig, sends it `delay` seconds after the start. Returns (rc, last line)."""
-  out = tempfile.NamedTemporaryFile("w+", delete=False, suffix=".log")
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT)
+def _position(line: str, order: list[str]) -> int:
+  """Index in `order` (pipeline order) of an output line; -1 for other lines. A stage that
+  'finished earlier' counts as its 'done' line."""
+  line = line.strip() + " "
+  if " finished earlier" in line:
+    line = line.split(" finished earlier")[0] + " done"
+  for k, prefix in enumerate(order):
+    if line.startswith(prefix):
+      return k
+  return -1
+
+
+def run(cmd, *, sig=None, when=None, delay=0.0, order=(), timeout=1800):
+  """Runs cmd. With sig: sends it `delay` seconds after the first output line at or past
+  `when` in `order` (after the process start if `when` is None). Returns (rc, last line,
+  sent)."""
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
   t0 = time.time()
-  sent = False
-  while proc.poll() is None:
-    if sig is not None and not sent and time.time() - t0 >= delay:
+  sent = threading.Event()
+  target = order.index(when) if when is not None else None
+
+  def fire():
+    if proc.poll() is None:
       proc.send_signal(sig)
-      sent = True
+      sent.set()
+
+  timer = None
+  if sig is not None and when is None:
+    timer = threading.Timer(delay, fire)
+    timer.start()
+  last = ""
+  for line in proc.stdout:
+    if line.strip() and "Warning" not in line and "OpenCV" not in line:
+      last = line.strip()
+    if (sig is not None and target is not None and timer is None
+        and _position(line, order) >= target):
+      timer = threading.Timer(delay, fire)
+      timer.start()
     if time.time() - t0 > timeout:
       proc.kill()
       raise TimeoutError(" ".join(cmd))
-    time.sleep(0.05)
-  out.seek(0)
-  lines = [l.strip() for l in out.read().splitlines() if l.strip() and "Warning" not in l
-           and "OpenCV" not in l]
-  out.close()
-  os.unlink(out.name)
-  return proc.returncode, (lines[-1] if lines else "")[:160]
+  rc = proc.wait()
+  if timer is not None:
+    timer.cancel()
+  return rc, last[:160], sent.is_set()
+
+
+def targets(ref: str) -> list[str]:
+  """Output lines of a run, in pipeline order: every logged step of every stage, each stage's
+  'done', and the end of training (the evaluation follows it)."""
+  out = []
+  for st in STAGES:
+    with open(os.path.join(ref, st, "metrics.jsonl")) as f:
+      rows = [json.loads(l) for l in f]
+    total = rows[-1]["step"]
+    out += [f"[{st}] step {r['step']}/{total} " for r in rows] + [f"[{st}] done"]
+  return out + ["plan ["]
 
 
 def exports_equal(a: str, b: str) -> list[str]:
@@ -93,8 +132,6 @@ def main(argv=None) -> int:
   p.add_argument("--kills", type=int, default=10)
   p.add_argument("--terms", type=int, default=5)
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--max_delay", type=float, default=45.0,
-                 help="delays are uniform in [1, max_delay] seconds after the process start")
   a = p.parse_args(argv)
   os.makedirs(a.workdir, exist_ok=True)
   cache = os.path.join(a.workdir, "xla_cache")
@@ -103,26 +140,37 @@ def main(argv=None) -> int:
             "--config.sample.num_samples=200", "--config.sample.out=final_samples.npz"]
   t0 = time.time()
   if not os.path.exists(os.path.join(ref, "eval", "results.json")):
-    rc, last = run(_cmd(ref, cache))
+    rc, last, _ = run(_cmd(ref, cache))
     assert rc == 0, f"reference run failed ({rc}): {last}"
-  rc, last = run(_cmd(ref, cache, *sample))
+  rc, last, _ = run(_cmd(ref, cache, *sample))
   assert rc == 0, f"reference sampling failed ({rc}): {last}"
   print(f"reference run + samples: {time.time() - t0:.0f} s", flush=True)
   rnd = random.Random(a.seed)
-  plan = [signal.SIGKILL] * a.kills + [signal.SIGTERM] * a.terms
-  rnd.shuffle(plan)
+  n = a.kills + a.terms
+  signals = [signal.SIGKILL] * a.kills + [signal.SIGTERM] * a.terms
+  rnd.shuffle(signals)
+  # Random moments spread over the whole pipeline: a few during start-up (timed from the
+  # process start), the rest after random progress lines in pipeline order (plus a random
+  # 0-3 s), the last ones inside the evaluation (after training ends).
+  lines = targets(ref)
+  n_start = max(1, n // 8)
+  n_eval = max(1, n // 8)
+  picks = sorted(rnd.sample(range(len(lines) - 1), n - n_start - n_eval))
+  moments = ([(None, rnd.uniform(1.0, 15.0)) for _ in range(n_start)]
+             + [(lines[i], rnd.uniform(0.0, 3.0)) for i in picks]
+             + [("plan [", rnd.uniform(2.0, 20.0)) for _ in range(n_eval)])
   t1 = time.time()
-  for i, sig in enumerate(plan):
-    delay = rnd.uniform(1.0, a.max_delay)
-    rc, last = run(_cmd(wd, cache), sig=sig, delay=delay)
-    print(f"{i + 1:2d}/{len(plan)} {signal.Signals(sig).name:7s} at {delay:5.1f} s -> rc {rc:4d}"
-          f" | {last}", flush=True)
+  for i, (sig, (when, delay)) in enumerate(zip(signals, moments)):
+    rc, last, sent = run(_cmd(wd, cache), sig=sig, when=when, delay=delay, order=lines)
+    where = f"{delay:4.1f} s after {when.strip()!r}" if when else f"{delay:4.1f} s after start"
+    print(f"{i + 1:2d}/{n} {signal.Signals(sig).name:7s} {where:48s} -> "
+          f"{'sent' if sent else 'not sent (run ended first)'}, rc {rc:3d} | {last}", flush=True)
     if rc not in (0, -signal.SIGKILL, -signal.SIGTERM):
       print(f"unexpected exit code {rc}", flush=True)
       return 1
-  rc, last = run(_cmd(wd, cache))
+  rc, last, _ = run(_cmd(wd, cache))
   assert rc == 0, f"final rerun failed ({rc}): {last}"
-  rc, last = run(_cmd(wd, cache, *sample))
+  rc, last, _ = run(_cmd(wd, cache, *sample))
   assert rc == 0, f"final sampling failed ({rc}): {last}"
   print(f"interrupted runs + final rerun + samples: {time.time() - t1:.0f} s", flush=True)
   diffs = exports_equal(ref, wd)
