@@ -2,8 +2,13 @@
 
 --mode=train (default) runs config.stage; --mode=sample writes config.sample's samples of a
 finished stage to an .npz; --mode=evaluate sweeps config.eval over the workdir's exports into
-<workdir>/eval/. --config.key=value overrides any config key (the config is locked: a mistyped
-key fails).
+<workdir>/eval/; --mode=compile compiles each stage kind's train step for the configured mesh
+on abstract state and prints XLA's per-device memory (nothing is trained or materialized).
+--config.key=value overrides any config key (the config is locked: a mistyped key fails).
+
+Several processes (docs/SCALING.md): run the same command on every host with
+--coordinator_address=HOST:PORT --num_processes=N --process_id=I, or under srun / on a Cloud
+TPU VM where JAX detects the cluster itself. One process is the default.
 """
 from __future__ import annotations
 
@@ -16,9 +21,23 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py[:variant]).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Working directory: checkpoints, exports, dashboards.")
-flags.DEFINE_enum("mode", "train", ["train", "sample", "evaluate"], "What to do.")
+flags.DEFINE_enum("mode", "train", ["train", "sample", "evaluate", "compile"], "What to do.")
 flags.DEFINE_string("compilation_cache", "~/.cache/gdistill/xla",
                     "Persistent XLA compilation cache directory ('' disables it).")
+flags.DEFINE_enum("distributed", "auto", ["auto", "cluster", "off"],
+                  "auto: the explicit flags below, else an srun step with several tasks or a "
+                  "Cloud TPU VM, else one process; cluster: always let jax.distributed detect "
+                  "the cluster; off: one process.")
+flags.DEFINE_string("coordinator_address", "", "HOST:PORT of process 0 (explicit multi-process).")
+flags.DEFINE_integer("num_processes", 0, "Number of processes (explicit multi-process).")
+flags.DEFINE_integer("process_id", -1, "This process's index in [0, num_processes).")
+flags.DEFINE_integer("local_device_count", 0,
+                     "CPU devices of this process (simulated devices; 0: XLA_FLAGS / default).")
+flags.DEFINE_integer("heartbeat_timeout_s", 100,
+                     "A process that misses heartbeats this long counts as dead; the others "
+                     "then stop with an error.")
+flags.DEFINE_integer("initialization_timeout_s", 300,
+                     "How long to wait for every process to join the coordinator.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -27,11 +46,32 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from absl import logging
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-  from gdistill import config_lib, preemption, runtime, train
-  runtime.enable_compilation_cache(FLAGS.compilation_cache)
-  preemption.install()
+  from gdistill import distributed
   try:
-    if FLAGS.mode == "train":
+    launch = distributed.detect(coordinator_address=FLAGS.coordinator_address,
+                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
+                                mode=FLAGS.distributed)
+  except distributed.LaunchError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+  distributed.initialize(launch, heartbeat_timeout_s=FLAGS.heartbeat_timeout_s,
+                         initialization_timeout_s=FLAGS.initialization_timeout_s,
+                         local_device_count=FLAGS.local_device_count)
+  from gdistill import config_lib, preemption, runtime, train
+  cache_ok = distributed.persistent_cache_safe(launch)
+  if cache_ok:
+    runtime.enable_compilation_cache(FLAGS.compilation_cache)
+  preemption.install()
+  if launch.how != "single":
+    import jax
+    if jax.process_index() == 0:
+      note = "" if cache_ok else " (no persistent compile cache)"
+      print(f"distributed ({launch.why}): {distributed.describe()}{note}", flush=True)
+  try:
+    if FLAGS.mode == "compile":
+      from gdistill import compile_check
+      compile_check.run(FLAGS.config, FLAGS.workdir)
+    elif FLAGS.mode == "train":
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     elif FLAGS.mode == "sample":
       from gdistill import evaluate

@@ -1,0 +1,145 @@
+"""Multi-process runtime: jax.distributed from explicit flags, from the cluster, or not at all.
+
+gdistill.main calls `initialize(detect(...))` before anything touches devices. Three ways:
+  explicit  --coordinator_address=HOST:PORT --num_processes=N --process_id=I on every process
+            (any launcher: ssh, srun, a container scheduler, or loopback tests);
+  cluster   jax.distributed.initialize() with JAX's own detection: SLURM (under srun with
+            several tasks), Cloud TPU VMs (the metadata server names the workers), Open MPI;
+  single    one process, the default when nothing indicates a cluster.
+Every process then runs the same program on the same global mesh: jax.devices() lists all
+processes' devices, each process feeds its own rows of the batch, orbax writes checkpoints
+collectively, and only process 0 prints and writes dashboards.
+
+On CPU the cross-process collectives are gloo over TCP. A process whose peer dies (no heartbeat
+for heartbeat_timeout_s) is terminated by JAX's coordination service: see docs/SCALING.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+from typing import Mapping, Optional
+
+import jax
+
+MODES = ("auto", "cluster", "off")
+
+
+class LaunchError(ValueError):
+  """Inconsistent multi-process flags or environment; the message says what to pass."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+  """How this process joins the run.
+
+  how: 'single' | 'explicit' | 'cluster'. For 'explicit' the three coordinates are set; for
+  'cluster' JAX fills in the ones left None from the environment (SLURM, TPU metadata, MPI).
+  why: one line for the console (what was detected).
+  """
+  how: str
+  why: str
+  coordinator_address: Optional[str] = None
+  num_processes: Optional[int] = None
+  process_id: Optional[int] = None
+
+
+def _slurm_tasks(env: Mapping[str, str]) -> int:
+  """SLURM_NTASKS under an srun step that JAX can read (1 if not under srun)."""
+  need = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+          "SLURM_LOCALID")
+  if not all(k in env for k in need):
+    return 1
+  try:
+    return int(env["SLURM_NTASKS"])
+  except ValueError:
+    return 1
+
+
+def on_tpu_vm() -> bool:
+  """A Cloud TPU VM: TPU chips are visible as /dev/accel* (v2-v4) or /dev/vfio/N (v5+)."""
+  return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+def _check_address(address: str) -> None:
+  host, sep, port = address.rpartition(":")
+  if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    raise LaunchError(f"--coordinator_address={address!r} is invalid: HOST:PORT of process 0, "
+                      "e.g. 10.0.0.1:8476 (the same on every process)")
+
+
+def detect(*, coordinator_address: str = "", num_processes: int = 0, process_id: int = -1,
+           mode: str = "auto", env: Optional[Mapping[str, str]] = None,
+           tpu_vm: Optional[bool] = None) -> Launch:
+  """Decides how to start from the flags and the environment (pure: no JAX calls).
+
+  Explicit flags win; then (mode 'auto') an srun step with several tasks or a TPU VM; mode
+  'cluster' always asks JAX to detect; mode 'off' is one process whatever the environment.
+  """
+  if mode not in MODES:
+    raise LaunchError(f"--distributed={mode!r} is invalid: one of {MODES}")
+  env = os.environ if env is None else env
+  given = {"--coordinator_address": bool(coordinator_address),
+           "--num_processes": num_processes > 0, "--process_id": process_id >= 0}
+  if any(given.values()):
+    if mode == "off":
+      raise LaunchError("--distributed=off contradicts the explicit multi-process flags "
+                        f"{[k for k, v in given.items() if v]}")
+    if mode == "auto" and not all(given.values()):
+      missing = [k for k, v in given.items() if not v]
+      raise LaunchError(f"explicit multi-process launch needs all three flags; missing "
+                        f"{missing} (or pass --distributed=cluster to let JAX detect the rest)")
+    if coordinator_address:
+      _check_address(coordinator_address)
+    if num_processes > 0 and process_id >= num_processes:
+      raise LaunchError(f"--process_id={process_id} is invalid: 0 <= process_id < "
+                        f"--num_processes={num_processes}")
+    how = "explicit" if all(given.values()) else "cluster"
+    return Launch(how, f"{how}: coordinator {coordinator_address or '(detected)'}",
+                  coordinator_address or None, num_processes if num_processes > 0 else None,
+                  process_id if process_id >= 0 else None)
+  if mode == "off":
+    return Launch("single", "one process (--distributed=off)")
+  if mode == "cluster":
+    return Launch("cluster", "cluster: jax.distributed detects the coordinator and processes")
+  tasks = _slurm_tasks(env)
+  if tasks > 1:
+    return Launch("cluster", f"SLURM job {env['SLURM_JOB_ID']}: {tasks} tasks (srun)")
+  if on_tpu_vm() if tpu_vm is None else tpu_vm:
+    return Launch("cluster", "Cloud TPU VM: workers from the TPU metadata")
+  return Launch("single", "one process")
+
+
+def initialize(launch: Launch, *, heartbeat_timeout_s: int = 100,
+               initialization_timeout_s: int = 300, local_device_count: int = 0) -> None:
+  """Starts JAX's distributed runtime as `launch` says. Call before any JAX computation.
+
+  local_device_count > 0 sets the number of CPU devices of this process (simulated devices
+  for tests and compile checks; accelerators are unaffected).
+  """
+  if local_device_count > 0:
+    jax.config.update("jax_num_cpu_devices", int(local_device_count))
+  if launch.how == "single":
+    return
+  # Cross-process collectives of the CPU backend (the default in recent JAX; explicit here).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(
+      coordinator_address=launch.coordinator_address, num_processes=launch.num_processes,
+      process_id=launch.process_id, initialization_timeout=int(initialization_timeout_s),
+      heartbeat_timeout_seconds=int(heartbeat_timeout_s))
+
+
+def persistent_cache_safe(launch: Launch) -> bool:
+  """False for several processes on CPU: there JAX keys persistent-cache entries by device
+  assignment and only process 0 writes them, so process 0 would load its executables in a
+  second while the others recompile, and the first collective's gloo rendezvous (30 s) between
+  them times out. Touches the backend unless the launch is single-process."""
+  if launch.how == "single":
+    return True
+  return jax.process_count() == 1 or jax.default_backend() != "cpu"
+
+
+def describe() -> str:
+  """'process 0 of 2; 4 devices (2 local, cpu)' -- touches the backend."""
+  return (f"process {jax.process_index()} of {jax.process_count()}; {jax.device_count()} "
+          f"devices ({jax.local_device_count()} local, {jax.default_backend()})")

@@ -1,0 +1,352 @@
+"""Scale-out: multi-process runs over loopback, FSDP sharding and memory, restore on another
+topology, --mode=compile, launch-script dry runs, launch detection."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from gdistill import compile_check, distributed, plan, sharding, train
+import util
+
+# A small U-Net so multi-process runs stay short (cf. test_train's FSDP test).
+SMALL = {"model.dropout": 0.0, "model.ch": 16, "model.head_dim": 16, "model.num_groups": 4}
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _env(devices: int) -> dict:
+  env = dict(os.environ)
+  env.update({"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+              "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu"})
+  return env
+
+
+def _cmd(workdir, overrides, extra=()) -> list[str]:
+  return [sys.executable, "-m", "gdistill.main",
+          f"--config={os.path.join(util.ROOT, 'configs/digits.py:quick')}", f"--workdir={workdir}",
+          "--compilation_cache=" + os.environ.get("GDISTILL_TEST_XLA_CACHE",
+                                                  "/tmp/gdistill_test_xla_cache"),
+          *util.cli_args(overrides), *extra]
+
+
+def _start_group(workdir, overrides, *, n: int, devices: int, logdir, heartbeat: int = 100,
+                 port: int = 0):
+  """n processes of gdistill.main over loopback, `devices` CPU devices each; logs in logdir."""
+  port = port or _free_port()
+  procs = []
+  for i in range(n):
+    log = open(os.path.join(logdir, f"proc{i}.log"), "w")
+    flags = [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={n}",
+             f"--process_id={i}", f"--heartbeat_timeout_s={heartbeat}",
+             "--initialization_timeout_s=60"]
+    procs.append((subprocess.Popen(_cmd(workdir, overrides, flags), cwd=util.ROOT,
+                                   env=_env(devices), stdout=log, stderr=subprocess.STDOUT),
+                  log))
+  return procs
+
+
+def _wait_group(procs, logdir, timeout=900):
+  t0, rcs = time.time(), []
+  for p, log in procs:
+    try:
+      rcs.append(p.wait(timeout=max(timeout - (time.time() - t0), 1)))
+    finally:
+      log.close()
+  outs = [open(os.path.join(logdir, f"proc{i}.log")).read() for i in range(len(procs))]
+  return rcs, outs
+
+
+def _read(path):
+  with open(path) as f:
+    return f.read()
+
+
+# --- launch detection (pure) ------------------------------------------------------------------
+
+def test_launch_detection_from_flags_and_environment():
+  slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "16",
+           "SLURM_PROCID": "3", "SLURM_LOCALID": "3"}
+  assert distributed.detect(env={}, tpu_vm=False).how == "single"
+  assert distributed.detect(env=slurm, tpu_vm=False).how == "cluster"
+  assert distributed.detect(env={**slurm, "SLURM_NTASKS": "1"}, tpu_vm=False).how == "single"
+  # sbatch's batch shell (no srun step) is not a cluster launch.
+  batch_shell = {k: v for k, v in slurm.items() if k != "SLURM_STEP_NODELIST"}
+  assert distributed.detect(env=batch_shell, tpu_vm=False).how == "single"
+  assert distributed.detect(env={}, tpu_vm=True).how == "cluster"
+  assert distributed.detect(env=slurm, mode="off", tpu_vm=True).how == "single"
+  assert distributed.detect(env={}, mode="cluster", tpu_vm=False).how == "cluster"
+  ex = distributed.detect(coordinator_address="10.0.0.1:8476", num_processes=4, process_id=3,
+                          env=slurm)
+  assert (ex.how, ex.coordinator_address, ex.num_processes, ex.process_id) == (
+      "explicit", "10.0.0.1:8476", 4, 3)
+  with pytest.raises(distributed.LaunchError, match="missing.*--process_id"):
+    distributed.detect(coordinator_address="10.0.0.1:8476", num_processes=4, env={})
+  with pytest.raises(distributed.LaunchError, match="HOST:PORT"):
+    distributed.detect(coordinator_address="10.0.0.1", num_processes=2, process_id=0, env={})
+  with pytest.raises(distributed.LaunchError, match="process_id=2"):
+    distributed.detect(coordinator_address="h:1", num_processes=2, process_id=2, env={})
+
+
+# --- launch scripts (dry runs) ----------------------------------------------------------------
+
+def _script(*args, env=None):
+  out = subprocess.run(["bash", *args], cwd=util.ROOT, capture_output=True, text=True,
+                       timeout=30, env={**os.environ, **(env or {})})
+  return out.returncode, out.stdout, out.stderr
+
+
+def test_tpu_pod_dry_run_prints_create_copy_install_and_run_on_all_workers():
+  rc, out, err = _script("launch/tpu_pod.sh", "--dry-run", "--name=gd", "--zone=us-central2-b",
+                         "--accelerator-type=v5litepod-16", "--", "--config=configs/imagenet64.py",
+                         "--config.mesh.fsdp=4", "--workdir=/mnt/runs/a b")
+  assert rc == 0, err
+  lines = [l for l in out.splitlines() if l.startswith("+ ")]
+  assert lines[0].startswith("+ gcloud compute tpus tpu-vm create gd --zone=us-central2-b "
+                             "--accelerator-type=v5litepod-16 --version=v2-alpha-tpuv5-lite")
+  assert any("tpu-vm scp" in l and "--worker=all" in l for l in lines)
+  assert any("--worker=all" in l and "pip install -q -r requirements.txt" in l for l in lines)
+  run = lines[-1]
+  assert "tpu-vm ssh gd" in run and "--worker=all" in run
+  assert "python3 -m gdistill.main --distributed=cluster --config=configs/imagenet64.py" in run
+  assert "--workdir=/mnt/runs/a\\ b" in run  # quoted for the remote shell
+  rc, out, _ = _script("launch/tpu_pod.sh", "--dry-run", "--zone=z", "--queued", "--spot",
+                       "--", "--config=configs/digits.py", "--workdir=/w")
+  assert rc == 0 and "queued-resources create gdistill-qr" in out and "--spot" in out
+  assert "queued-resources describe" in out
+  rc, _, err = _script("launch/tpu_pod.sh", "--dry-run", "--", "--workdir=/w")
+  assert rc == 2 and "--zone" in err
+
+
+@pytest.mark.parametrize("launch", ["auto", "explicit"])
+def test_slurm_dry_run_prints_sbatch_and_srun(launch):
+  rc, out, err = _script("launch/slurm_gpu.sh", "--dry-run", "--nodes=3", "--gpus-per-node=4",
+                         f"--launch={launch}", "--partition=gpu", "--",
+                         "--config=configs/imagenet64.py", "--workdir=/shared/run")
+  assert rc == 0, err
+  sbatch, srun = [l for l in out.splitlines() if l.startswith("+ ")]
+  per_node = 4 if launch == "auto" else 1
+  assert sbatch.startswith(f"+ sbatch --nodes=3 --gpus-per-node=4 --ntasks-per-node={per_node}")
+  assert "--partition=gpu" in sbatch and "launch/slurm_gpu.sbatch --config=" in sbatch
+  assert srun.startswith("+ srun --kill-on-bad-exit=1")
+  if launch == "auto":
+    assert "python -m gdistill.main --distributed=cluster --config=configs/imagenet64.py" in srun
+  else:
+    assert "--coordinator_address=" in out and "node001:8476" in out
+    assert '--process_id="$SLURM_PROCID"' in out and "--ntasks=3" in srun
+
+
+# --- FSDP: shardings follow the rules; memory falls ---------------------------------------------
+
+def _expected_spec(boxed_leaf, rules, mesh, shape):
+  spec = nn.logical_to_mesh(nn.get_partition_spec(boxed_leaf), tuple(tuple(r) for r in rules))
+  return sharding._fit(spec, shape, mesh)
+
+
+def test_fsdp_shards_every_large_parameter_moment_ema_and_teacher_by_the_rules():
+  """Stage one (guided) holds all four kinds: student params, EMA, Adam moments, teacher."""
+  import importlib
+  c = importlib.import_module("configs.imagenet64").get_config()
+  with c.unlocked():
+    c.mesh.data, c.mesh.fsdp = 2, 4
+  mesh = sharding.make_mesh(c.mesh)
+  stage = {s.kind: s for s in compile_check.stages_to_check(c)}["guided"]
+  s = compile_check.abstract_setup(c, stage, mesh)
+  boxed = s.student.init_abstract(train.example_shape(c))
+  params, ema = s.abstract_state["params"], s.abstract_state["ema"]
+  adam = s.abstract_state["opt_state"][1][0]
+  threshold = 1 << 16
+  big = 0
+  for (path, p), b, e, mu, nu in zip(
+      jax.tree_util.tree_leaves_with_path(params),
+      jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)),
+      jax.tree.leaves(ema), jax.tree.leaves(adam.mu), jax.tree.leaves(adam.nu)):
+    if np.prod(p.shape) < threshold:
+      continue
+    big += 1
+    want = _expected_spec(b, c.logical_axis_rules, mesh, p.shape)
+    name = jax.tree_util.keystr(path)
+    assert "fsdp" in str(want), name  # every large parameter has an 'mlp' dim that 4 divides
+    for x in (p, e, mu, nu):
+      assert x.sharding.spec == want, name
+      shard = x.sharding.shard_shape(x.shape)
+      assert np.prod(shard) * 4 == np.prod(x.shape), (name, shard)
+  assert big > 100
+  t_boxed = s.teacher.init_abstract(train.example_shape(c))
+  for t, b in zip(jax.tree.leaves(s.teacher_params),
+                  jax.tree.leaves(t_boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))):
+    if np.prod(t.shape) >= threshold:
+      assert t.sharding.spec == _expected_spec(b, c.logical_axis_rules, mesh, t.shape)
+  # float32 parameters: 4 bytes each; a device holds about a quarter.
+  total = sum(np.prod(t.shape) * 4 for t in jax.tree.leaves(s.teacher_params))
+  per_device = compile_check.per_device_bytes(s.teacher_params)
+  assert per_device < 0.26 * total, (per_device, total)
+
+
+def test_fsdp_lowers_per_device_memory_against_pure_data_parallel():
+  """XLA's memory analysis of the compiled teacher step, data 8 x fsdp 1 vs data 2 x fsdp 4.
+
+  configs/toy2d.py (MLP denoiser): its step compiles in ~10 s, the U-Net's in ~75 s on CPU.
+  """
+  import importlib
+  reports = {}
+  for fsdp in (1, 4):
+    c = importlib.import_module("configs.toy2d").get_config("test")
+    with c.unlocked():
+      c.mesh.data, c.mesh.fsdp, c.stage = 8 // fsdp, fsdp, "teacher"
+    mesh = sharding.make_mesh(c.mesh)
+    with jax.set_mesh(mesh):
+      reports[fsdp] = compile_check.compile_stage(c, plan.make_plan(c)[0], mesh)
+    print(compile_check.format_report(reports[fsdp]))
+  dp, fs = reports[1], reports[4]
+  # The state (params, EMA, Adam mu and nu) is split four ways but for the small replicated
+  # leaves (norms, biases, the 2-feature output layer).
+  assert fs["state_bytes_per_device"] < 0.3 * dp["state_bytes_per_device"]
+  m1, m4 = dp["memory"], fs["memory"]
+  assert m4["argument_size_in_bytes"] < 0.3 * m1["argument_size_in_bytes"]
+  assert m4["output_size_in_bytes"] < 0.3 * m1["output_size_in_bytes"]
+  assert m4["total_bytes"] < 0.7 * m1["total_bytes"]
+
+
+# --- restore on another topology ----------------------------------------------------------------
+
+@pytest.mark.slow
+def test_run_saved_on_eight_devices_continues_on_two_with_the_same_loss(tmp_path):
+  over = {**SMALL, "stage": "teacher", "teacher.num_steps": 6, "checkpoint.every_steps": 3,
+          "checkpoint.keep": 5, "checkpoint.async_save": False, "log.every_steps": 1,
+          "data.data_dir": str(tmp_path / "tfds")}
+  ref = str(tmp_path / "ref8")
+  train.train_and_evaluate(util.quick_config(**over), ref, devices=jax.devices()[:8])
+  ref_rows = [json.loads(l) for l in open(os.path.join(ref, "teacher", "metrics.jsonl"))]
+  # A run stopped at step 3 on 8 devices: the reference run's committed step-3 checkpoint.
+  wd = str(tmp_path / "cont2")
+  os.makedirs(os.path.join(wd, "teacher", "checkpoints"))
+  shutil.copytree(os.path.join(ref, "teacher", "checkpoints", "3"),
+                  os.path.join(wd, "teacher", "checkpoints", "3"))
+  train.train_and_evaluate(util.quick_config(**over), wd, devices=jax.devices()[:2])
+  rows = [json.loads(l) for l in open(os.path.join(wd, "teacher", "metrics.jsonl"))]
+  assert [r["step"] for r in rows] == [4, 5, 6]
+  want = {r["step"]: r["loss"] for r in ref_rows}
+  np.testing.assert_allclose([r["loss"] for r in rows], [want[s] for s in (4, 5, 6)],
+                             rtol=1e-4)
+  a, _ = util.load_export(os.path.join(ref, "teacher", "export"))
+  b, _ = util.load_export(os.path.join(wd, "teacher", "export"))
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-6)
+
+
+# --- --mode=compile -----------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_compile_mode_prints_per_stage_memory_without_materializing(tmp_path):
+  wd = str(tmp_path / "wd")
+  t0 = time.time()
+  out = subprocess.run(
+      _cmd(wd, {"mesh.data": 2, "mesh.fsdp": 4, "data.data_dir": str(tmp_path / "none")},
+           ["--mode=compile"]),
+      cwd=util.ROOT, env=_env(8), capture_output=True, text=True, timeout=600)
+  print(out.stdout, out.stderr[-3000:], f"{time.time() - t0:.1f} s", sep="\n")
+  assert out.returncode == 0, out.stderr[-3000:]
+  for name in ("teacher", "guided", "progressive_4"):
+    assert f"[{name}] mesh {{'data': 2, 'fsdp': 4}}" in out.stdout
+  assert out.stdout.count("XLA memory analysis per device:") == 3
+  assert out.stdout.count("    total ") == 3
+  reports = json.load(open(os.path.join(wd, "compile_report.json")))
+  assert [r["kind"] for r in reports] == ["teacher", "guided", "progressive"]
+  assert all(r["memory"]["total_bytes"] > r["state_bytes_per_device"] > 0 for r in reports)
+  assert reports[0]["teacher_bytes_per_device"] == 0 < reports[1]["teacher_bytes_per_device"]
+  # Nothing was trained, exported or read: no dataset, no stage folders.
+  assert sorted(os.listdir(wd)) == ["compile_report.json"]
+  assert not os.path.exists(tmp_path / "none")
+
+
+# --- several processes over loopback ------------------------------------------------------------
+
+MP = {**SMALL, "teacher.num_steps": 6, "guided.num_steps": 2, "progressive.num_steps": 2,
+      "progressive.start_steps": 2, "eval.enabled": False, "checkpoint.every_steps": 2,
+      "log.every_steps": 2}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_two_processes_match_one_process_on_four_devices(tmp_path):
+  over = {**MP, "data.data_dir": str(tmp_path / "tfds")}
+  one = str(tmp_path / "one")
+  rc, out, _ = util.run_cli(one, over, extra_env={
+      "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+  assert rc == 0, out[-3000:]
+  two = str(tmp_path / "two")
+  procs = _start_group(two, over, n=2, devices=2, logdir=str(tmp_path))
+  rcs, outs = _wait_group(procs, str(tmp_path))
+  assert rcs == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+  assert "distributed (explicit: coordinator 127.0.0.1:" in outs[0]
+  assert "process 0 of 2; 4 devices (2 local, cpu)" in outs[0]
+  assert "[teacher]" not in outs[1]  # only process 0 prints
+  for name in ("teacher", "guided", "progressive_1"):
+    # Same data, same random numbers: the losses (float32 means) agree to round-off.
+    la, lb = ([json.loads(l)["loss"] for l in open(os.path.join(w, name, "metrics.jsonl"))]
+              for w in (one, two))
+    np.testing.assert_allclose(lb, la, rtol=1e-5)
+    a, _ = util.load_export(os.path.join(one, name, "export"))
+    b, _ = util.load_export(os.path.join(two, name, "export"))
+    a, b = (np.concatenate([np.ravel(x).astype(np.float64) for x in jax.tree.leaves(t)])
+            for t in (a, b))
+    rel = np.linalg.norm(a - b) / np.linalg.norm(a)
+    print(f"{name}: |a - b| / |a| = {rel:.2e}, max |a - b| = {np.max(np.abs(a - b)):.2e}")
+    # Relative to the whole parameter vector. Element by element the zero-initialised output
+    # convs of the residual blocks differ more (up to ~3e-3 of their tiny max): gloo sums the
+    # gradients in another order than the in-process all-reduce, and Adam's first updates are
+    # about lr * sign(g), so round-off in near-zero gradients becomes a full-size step.
+    assert rel <= 1e-6, (name, rel)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_a_dead_process_stops_the_other_and_both_resume(tmp_path):
+  over = {**SMALL, "stage": "teacher", "teacher.num_steps": 6, "checkpoint.every_steps": 2,
+          "checkpoint.async_save": False, "log.every_steps": 2,
+          "data.data_dir": str(tmp_path / "tfds")}
+  wd = str(tmp_path / "wd")
+  heartbeat = 5
+  procs = _start_group(wd, over, n=2, devices=2, logdir=str(tmp_path), heartbeat=heartbeat)
+  log0 = os.path.join(str(tmp_path), "proc0.log")
+  t_kill = None
+  deadline = time.time() + 900
+  while time.time() < deadline and t_kill is None:
+    if "[teacher] step 4/6" in _read(log0):
+      procs[1][0].send_signal(signal.SIGKILL)
+      t_kill = time.time()
+    elif procs[0][0].poll() is not None:
+      break
+    time.sleep(0.2)
+  assert t_kill is not None, _read(log0)[-3000:]
+  rc0 = procs[0][0].wait(timeout=heartbeat * 4 + 60)
+  t_exit = time.time() - t_kill
+  _, outs = _wait_group(procs, str(tmp_path))
+  print(f"survivor exited {t_exit:.1f} s after the kill with rc {rc0}")
+  assert rc0 != 0
+  assert t_exit < heartbeat * 4, t_exit
+  # JAX's coordination service names the dead process (then a fatal abort with thread dumps).
+  assert "another task died" in outs[0], outs[0][-3000:]
+  assert "The following tasks are unhealthy (stopped sending heartbeats):\n1" in outs[0]
+  steps = sorted(int(d) for d in os.listdir(os.path.join(wd, "teacher", "checkpoints"))
+                 if d.isdigit())
+  assert steps and steps[-1] >= 2
+  # Rerunning both resumes from the last committed checkpoint and finishes.
+  procs = _start_group(wd, over, n=2, devices=2, logdir=str(tmp_path))
+  rcs, outs = _wait_group(procs, str(tmp_path))
+  assert rcs == [0, 0], outs[0][-3000:]
+  assert f"[teacher] resuming at step {steps[-1]}" in outs[0]
+  assert train.is_finished(wd, "teacher")
