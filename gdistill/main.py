@@ -57,7 +57,7 @@ def main(argv):
   distributed.initialize(launch, heartbeat_timeout_s=FLAGS.heartbeat_timeout_s,
                          initialization_timeout_s=FLAGS.initialization_timeout_s,
                          local_device_count=FLAGS.local_device_count)
-  from gdistill import config_lib, preemption, runtime, train
+  from gdistill import checkpoint, config_lib, lineage, preemption, runtime, train
   cache_ok = distributed.persistent_cache_safe(launch)
   if cache_ok:
     runtime.enable_compilation_cache(FLAGS.compilation_cache)
@@ -85,6 +85,10 @@ def main(argv):
   except (config_lib.ConfigError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
+  except (train.NonFiniteError, lineage.LineageError, checkpoint.CheckpointMismatchError,
+          checkpoint.NoUsableCheckpointError) as e:
+    print(f"error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 if __name__ == "__main__":
