@@ -61,8 +61,10 @@ class Dashboard:
   """Writes scalars to TensorBoard + metrics.jsonl and prints progress lines with ETA."""
 
   def __init__(self, logdir: str, stage: str, total_steps: int, batch_size: int,
-               start_step: int = 0):
+               start_step: int = 0, throughput_fn=None):
+    """throughput_fn(images_per_sec) -> extra scalars (model TFLOP/s per device, MFU)."""
     self.stage, self.total, self.batch = stage, total_steps, batch_size
+    self._throughput_fn = throughput_fn
     self.primary = jax.process_index() == 0
     self._writer = None
     self._jsonl: Optional[str] = None
@@ -80,6 +82,8 @@ class Dashboard:
     rate = done / max(now - self._t0, 1e-9)
     row = {k: float(v) for k, v in metrics.items()}
     row.update(steps_per_sec=rate, images_per_sec=rate * self.batch)
+    if self._throughput_fn is not None:
+      row.update(self._throughput_fn(rate * self.batch))
     if not self.primary:
       return
     self._writer.write_scalars(step, row)
@@ -87,10 +91,11 @@ class Dashboard:
       f.write(json.dumps({"step": step, **row}) + "\n")
     if console:
       eta = (self.total - step) / max(rate, 1e-9)
-      parts = " ".join(f"{k}={v:.4g}" for k, v in row.items()
-                       if k not in ("steps_per_sec", "images_per_sec"))
+      perf = ("steps_per_sec", "images_per_sec", "tflops_per_device", "mfu")
+      parts = " ".join(f"{k}={v:.4g}" for k, v in row.items() if k not in perf)
+      mfu = f" MFU {row['mfu']:.1%}" if "mfu" in row else ""
       print(f"[{self.stage}] step {step}/{self.total} {parts} | {rate:.2f} steps/s "
-            f"{rate * self.batch:.0f} img/s | ETA {eta / 60:.1f} min", flush=True)
+            f"{rate * self.batch:.0f} img/s{mfu} | ETA {eta / 60:.1f} min", flush=True)
 
   def images(self, step: int, images: dict) -> None:
     if self.primary and images:

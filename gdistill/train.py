@@ -239,6 +239,17 @@ def grid_sampler(config, stage: Stage, s: StageSetup):
   return sampling.make_sampler(s.student, spec, example_shape(config))
 
 
+def throughput_fn(config, stage: Stage, mesh) -> Callable[[float], dict]:
+  """images/s -> model TFLOP/s per device and MFU (gdistill/flops.py: analytic FLOPs of the
+  stage's step; the device's data-sheet peak, on CPU a measured matmul ceiling)."""
+  from gdistill import flops
+  per_example = flops.step_flops_per_example(config, stage.kind)
+  peak = flops.peak_flops_per_device(config.model.dtype)
+  n = int(mesh.devices.size)
+  return lambda images_per_sec: flops.throughput_metrics(
+      images_per_sec, flops_per_example=per_example, num_devices=n, peak=peak)
+
+
 def run_stage(config, workdir: str, stage: Stage, mesh, programs: Optional[dict] = None) -> dict:
   """Trains one stage to its export (resuming if it has checkpoints); returns its metadata.
 
@@ -277,7 +288,8 @@ def run_stage(config, workdir: str, stage: Stage, mesh, programs: Optional[dict]
     programs[key] = (make_train_step(loss_fn, s, section, mesh),
                      grid_sampler(config, stage, s))
   step_fn, sampler_fn = programs[key]
-  dash = dashboard.Dashboard(sdir, stage.name, total, int(section.batch_size), start)
+  dash = dashboard.Dashboard(sdir, stage.name, total, int(section.batch_size), start,
+                             throughput_fn=throughput_fn(config, stage, mesh))
   if jax.process_index() == 0:
     what = "resuming at step %d" % start if start else "starting"
     print(f"[{stage.name}] {what}; {total} steps, batch {section.batch_size}, "
