@@ -4,8 +4,9 @@
       [--out=DIR] [--steps=10]
 
 Measures the teacher step, the stage-one ('guided') step, a progressive step and sampling (the
-guided teacher at N steps = 2N NFE, the w-student at N and at progressive.end_steps) on
-synthetic batches with random-init parents (no workdir, no dataset):
+guided teacher at N steps = 2N NFE, the w-student at N and at progressive.end_steps), built
+as training builds them (train.setup_stage, losses.make_loss, train.make_train_step), on
+synthetic batches and random parameters filled on the host (no workdir, no dataset):
   compile time: trace + lower + XLA compile, and whether the persistent cache served it;
   median synchronized step time after warm-up: the train steps run in interleaved rounds, so
     they share whatever else the host runs; images/s per device;
@@ -28,7 +29,6 @@ import statistics
 import sys
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,14 +62,37 @@ def _stage(config, kind: str) -> Stage:
   return Stage(f"progressive_{n}", "progressive", "progressive", n, "guided")
 
 
+def random_tree(abstract, seed: int, zeros=lambda path: False):
+  """Arrays in the shapes, dtypes and shardings of `abstract` (ShapeDtypeStructs), filled on
+  the host: normal(0, 0.05), norm scales around 1, integers and zeros(path) leaves 0. Jitting
+  the models' init instead costs an XLA compile of their RNG per parameter (20 s on 2 cores)."""
+  rng = np.random.default_rng(seed)
+
+  def fill(path, a):
+    name = jax.tree_util.keystr(path)
+    if zeros(path) or not jnp.issubdtype(a.dtype, jnp.floating):
+      value = np.zeros(a.shape, a.dtype)
+    else:
+      value = (0.05 * rng.standard_normal(a.shape, np.float32)
+               + name.endswith("'scale']")).astype(a.dtype)
+    return jax.device_put(value, a.sharding) if a.sharding is not None else jnp.asarray(value)
+  return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+def random_state(s: train.StageSetup, seed: int = 0) -> dict:
+  """A train state of the trainer's structure (s.abstract_state): random params (and EMA), the
+  step, counters and optimizer moments at 0."""
+  top = lambda path: getattr(path[0], "key", None)
+  return random_tree(s.abstract_state, seed, zeros=lambda path: top(path) not in ("params", "ema"))
+
+
 def _random_params(den, config, mesh, seed: int):
-  _, shard, _ = train.abstract_params(den, config, mesh)
-  init = lambda rng: nn.unbox(den.init_fn(train.example_shape(config))(rng))
-  return jax.jit(init, out_shardings=shard)(jax.random.key(seed)), shard
+  abstract, shard, _ = train.abstract_params(den, config, mesh)
+  return random_tree(abstract, seed), shard
 
 
 def setup(config, stage: Stage, mesh, *, abstract_teacher: bool = False) -> train.StageSetup:
-  """train.setup_stage for `stage` with a random-init parent instead of a loaded export
+  """train.setup_stage for `stage` with random teacher parameters instead of a loaded export
   (abstract_teacher: ShapeDtypeStructs instead, for tracing without running)."""
   s = train.setup_stage(config, "", _Parentless(stage.name, "teacher", stage.section,
                                                 stage.student_steps, None,
@@ -208,7 +231,7 @@ def prepare_step(config, kind: str, mesh, *, memory_limit: int = 0) -> StepCase:
   section = config[stage.section]
   batch_size = int(section.batch_size)
   s = setup(config, stage, mesh)
-  state = train.init_state(config, stage, s)
+  state = random_state(s)
   loss_fn = losses.make_loss(kind, student=s.student, teacher=s.teacher, dcfg=config.diffusion)
   step = train.make_train_step(loss_fn, s, section, mesh)
   batch = synthetic_batch(config, batch_size, mesh, stage.student_steps or 0)
@@ -252,8 +275,7 @@ def bench_sampling(config, mesh, *, batch_size: int, num_steps: int, repeats: in
   teacher = train.student_denoiser(config, Stage("teacher", "teacher", "teacher"))
   student = train.student_denoiser(config, Stage("guided", "guided", "guided"))
   tp, _ = _random_params(teacher, config, mesh, seed=1)
-  sp = jax.jit(lambda t, s: student_params_from_teacher(t, s))(
-      tp, _random_params(student, config, mesh, seed=2)[0])
+  sp = student_params_from_teacher(tp, _random_params(student, config, mesh, seed=2)[0])
   sh = sharding.batch_sharding(mesh)
   labels = jax.device_put(jnp.arange(batch_size, dtype=jnp.int32) % config.model.num_classes, sh)
   w = jax.device_put(jnp.full((batch_size,), 1.0, jnp.float32), sh)
