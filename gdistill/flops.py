@@ -77,7 +77,8 @@ def unet_ops(m, w_embedding: bool = False) -> list[Op]:
 
   def resblock(name, res, c_in, c_out, updown=None):
     r = res // 2 if updown == "down" else res * 2 if updown == "up" else res
-    blk = [conv_op(f"{name}/conv0", r, c_in, c_out)[0], dense_op(f"{name}/emb_proj", emb, 2 * c_out),
+    blk = [conv_op(f"{name}/conv0", r, c_in, c_out)[0],
+           dense_op(f"{name}/emb_proj", emb, 2 * c_out),
            conv_op(f"{name}/conv1", r, c_out, c_out)[0]]
     if c_in != c_out:
       blk.append(conv_op(f"{name}/skip", r, c_in, c_out, k=1)[0])
