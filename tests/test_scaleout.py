@@ -2,6 +2,7 @@
 topology, --mode=compile, launch-script dry runs, launch detection."""
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -349,4 +350,49 @@ def test_a_dead_process_stops_the_other_and_both_resume(tmp_path):
   rcs, outs = _wait_group(procs, str(tmp_path))
   assert rcs == [0, 0], outs[0][-3000:]
   assert f"[teacher] resuming at step {steps[-1]}" in outs[0]
+  assert train.is_finished(wd, "teacher")
+
+
+@pytest.mark.reliability
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_the_same_step_and_both_resume(tmp_path):
+  """Preemption with several processes: SIGTERM reaches process 1 only (JAX's notifier there
+  tells the coordination service); both processes agree on one step through the preemption
+  sync point, checkpoint it collectively and exit 0; rerunning both resumes at that step."""
+  total = 40
+  over = {**SMALL, "stage": "teacher", "teacher.num_steps": total,
+          "checkpoint.every_steps": 1000, "log.every_steps": 1,
+          "data.data_dir": str(tmp_path / "tfds")}
+  wd = str(tmp_path / "wd")
+  procs = _start_group(wd, over, n=2, devices=2, logdir=str(tmp_path))
+  log0 = os.path.join(str(tmp_path), "proc0.log")
+  sent = False
+  deadline = time.time() + 900
+  while time.time() < deadline and not sent:
+    if f"[teacher] step 4/{total}" in _read(log0):
+      procs[1][0].send_signal(signal.SIGTERM)
+      sent = True
+    elif any(p.poll() is not None for p, _ in procs):
+      break
+    time.sleep(0.1)
+  assert sent, _read(log0)[-3000:]
+  rcs, outs = _wait_group(procs, str(tmp_path), timeout=600)
+  assert rcs == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+  # Each process reports the step it stopped at: the same one, checkpointed, before the end.
+  stops = [re.findall(r"\[teacher\] preempted at step (\d+)", o) for o in outs]
+  print("stops:", stops)
+  assert all(len(s) == 1 for s in stops), outs
+  step = int(stops[0][0])
+  assert stops[1] == stops[0] and 4 <= step < total
+  ckpts = sorted(int(d) for d in os.listdir(os.path.join(wd, "teacher", "checkpoints"))
+                 if d.isdigit())
+  assert ckpts == [step], ckpts  # every_steps=1000: only the preemption save
+  assert not train.is_finished(wd, "teacher")
+  procs = _start_group(wd, over, n=2, devices=2, logdir=str(tmp_path))
+  rcs, outs = _wait_group(procs, str(tmp_path))
+  assert rcs == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+  assert f"[teacher] resuming at step {step}" in outs[0]
+  rows = [json.loads(l) for l in open(os.path.join(wd, "teacher", "metrics.jsonl"))]
+  assert rows[-1]["step"] == total
   assert train.is_finished(wd, "teacher")
