@@ -143,3 +143,98 @@ def describe() -> str:
   """'process 0 of 2; 4 devices (2 local, cpu)' -- touches the backend."""
   return (f"process {jax.process_index()} of {jax.process_count()}; {jax.device_count()} "
           f"devices ({jax.local_device_count()} local, {jax.default_backend()})")
+
+
+class PeerWatchdog:
+  """Stops this process with one clear line when a peer process of the run stops.
+
+  JAX's coordination service notices a dead peer too, after heartbeat_timeout_s, but it then
+  aborts every survivor with a fatal log and thread dumps (its callback cannot reach Python).
+  The watchdog notices first: each process bumps a counter in the coordination service's
+  key-value store every `period` seconds, and a peer whose counter has not moved for
+  stale_fraction x heartbeat_timeout_s (by this process's clock; clocks are never compared
+  across hosts) counts as stopped. A process that leaves cleanly (finished, preempted) marks
+  itself 'exited' and is no longer watched; a process that fails just stops bumping, so its
+  peers stop too instead of waiting in a collective. Losing the coordinator (process 0's key-value
+  store) is reported the same way. One key-value read per period fetches every peer.
+  """
+
+  PREFIX = "gdistill/alive/"
+
+  def __init__(self, heartbeat_timeout_s: float, *, workdir: str = "",
+               stale_fraction: float = 0.6, period: Optional[float] = None):
+    self._stale = float(heartbeat_timeout_s) * stale_fraction
+    self._period = period or max(0.2, min(2.0, self._stale / 10))
+    self._timeout = heartbeat_timeout_s
+    self._workdir = workdir
+    self._stop = None
+    self._thread = None
+
+  def start(self) -> "PeerWatchdog":
+    import threading
+    from jax._src import distributed as jax_distributed  # the client of jax.distributed
+    self._client = jax_distributed.global_state.client
+    if self._client is None or jax.process_count() < 2:
+      return self
+    self._me, self._n = jax.process_index(), jax.process_count()
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, name="gdistill-peer-watchdog",
+                                    daemon=True)
+    self._thread.start()
+    return self
+
+  def stop(self, clean: bool) -> None:
+    """clean: this process leaves on purpose (its peers stop watching it)."""
+    if self._thread is None:
+      return
+    self._stop.set()
+    self._thread.join(timeout=10)
+    self._thread = None
+    if clean:
+      try:
+        self._client.key_value_set(f"{self.PREFIX}{self._me}", "exited", allow_overwrite=True)
+      except Exception:  # pylint: disable=broad-except  (the coordinator may be gone already)
+        pass
+
+  def _fail(self, what: str) -> None:
+    import sys
+    where = f" under {self._workdir}" if self._workdir else ""
+    print(f"error: process {self._me} of {self._n}: {what}. Stopping this process too. "
+          f"Committed checkpoints{where} are intact: once every process can run again, rerun "
+          "the same command on all of them to resume from the last committed step.",
+          file=sys.stderr, flush=True)
+    os._exit(1)  # pylint: disable=protected-access  (other threads may sit in a collective)
+
+  def _run(self) -> None:
+    import time
+    count = 0
+    seen: dict[int, tuple[str, float]] = {}  # process -> (last value, local time it changed)
+    while not self._stop.is_set():
+      count += 1
+      now = time.monotonic()
+      try:
+        self._client.key_value_set(f"{self.PREFIX}{self._me}", str(count),
+                                   allow_overwrite=True)
+        entries = self._client.key_value_dir_get(self.PREFIX)
+      except Exception as e:  # pylint: disable=broad-except
+        if self._stop.is_set():
+          return
+        self._fail(f"lost the coordinator (process 0's coordination service): "
+                   f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        return
+      for key, value in entries:
+        pid = int(key.rsplit("/", 1)[-1])
+        if pid == self._me:
+          continue
+        last = seen.get(pid)
+        if last is None or last[0] != value:
+          seen[pid] = (value, now)
+      stopped = sorted(p for p, (v, t) in seen.items()
+                       if v != "exited" and now - t > self._stale)
+      if stopped:
+        names = ", ".join(str(p) for p in stopped)
+        self._fail(f"process {names} stopped responding ({self._stale:.0f} s without a "
+                   f"heartbeat; --heartbeat_timeout_s={self._timeout:g}): it died, was killed "
+                   "or hangs (see its log)")
+        return
+      self._stop.wait(self._period)

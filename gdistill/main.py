@@ -67,6 +67,8 @@ def main(argv):
     if jax.process_index() == 0:
       note = "" if cache_ok else " (no persistent compile cache)"
       print(f"distributed ({launch.why}): {distributed.describe()}{note}", flush=True)
+  watchdog = distributed.PeerWatchdog(FLAGS.heartbeat_timeout_s, workdir=FLAGS.workdir).start()
+  clean = False
   try:
     if FLAGS.mode == "compile":
       from gdistill import compile_check
@@ -79,7 +81,9 @@ def main(argv):
     elif FLAGS.mode == "evaluate":
       from gdistill import evaluate
       evaluate.evaluate_workdir(FLAGS.config, FLAGS.workdir)
+    clean = True
   except preemption.Preempted as e:
+    clean = True
     print(str(e), flush=True)
     sys.exit(0)
   except (config_lib.ConfigError, FileNotFoundError) as e:
@@ -89,6 +93,8 @@ def main(argv):
           checkpoint.NoUsableCheckpointError) as e:
     print(f"error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
+  finally:
+    watchdog.stop(clean)
 
 
 if __name__ == "__main__":
