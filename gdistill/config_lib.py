@@ -51,7 +51,13 @@ def base_config():
   c.stage = "pipeline"
   c.seed = 0
   c.init_from = ""  # an export dir to start stage guided/progressive from
-  c.data = dict(name="digits", data_dir="", split="train", random_flip=False, num_classes=10)
+  # normalize_on_device: the loader ships uint8 images and the device computes x / 127.5 - 1
+  # (and the random flip), bit for bit the host formula; False: the loader thread does it.
+  # tf_*: TensorFlow (TensorBoard writer, tensorflow_datasets) kept off the accelerators and to
+  # small thread pools beside XLA's (gdistill/runtime.py configure_tensorflow; 0: TF's default).
+  c.data = dict(name="digits", data_dir="", split="train", random_flip=False, num_classes=10,
+                normalize_on_device=True, tf_intra_op_threads=1, tf_inter_op_threads=1,
+                tf_hide_accelerators=True)
   c.model = dict(name="unet", ch=64, ch_mult=(1, 2), num_res_blocks=2, attn_resolutions=(4,),
                  head_dim=32, dropout=0.1, num_groups=32, resblock_updown=True, remat=False,
                  num_classes=10, channels=1, image_size=8, parametrization="v",
@@ -122,6 +128,11 @@ def validate(c, *, num_devices: int, num_processes: int = 1, dataset_info=None):
   m, dcfg = c.model, c.diffusion
   _need(m.name in MODELS, "model.name", m.name, f"one of {MODELS}")
   _need(c.data.name in DATASETS, "data.name", c.data.name, f"one of {DATASETS}")
+  for k in ("normalize_on_device", "tf_hide_accelerators", "random_flip"):
+    _need(isinstance(c.data[k], bool), f"data.{k}", c.data[k], "True or False")
+  for k in ("tf_intra_op_threads", "tf_inter_op_threads"):
+    _need(isinstance(c.data[k], int) and not isinstance(c.data[k], bool) and c.data[k] >= 0,
+          f"data.{k}", c.data[k], "an integer >= 0 (0: TensorFlow's default, one per core)")
   from gdistill import diffusion
   _need(m.parametrization in diffusion.PARAMETRIZATIONS, "model.parametrization",
         m.parametrization, f"one of {diffusion.PARAMETRIZATIONS}")

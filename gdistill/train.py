@@ -369,6 +369,8 @@ def run_stage(config, workdir: str, stage: Stage, mesh, programs: Optional[dict]
 def prepare(config, workdir: str, devices=None):
   """Validation before any compile (config + dataset), the mesh and the saved config."""
   devices = list(devices if devices is not None else jax.devices())
+  from gdistill import runtime
+  runtime.configure_tensorflow(config.data)  # before the dashboards import TensorFlow
   info = data.dataset_info(config.data)
   config_lib.validate(config, num_devices=len(devices),
                       num_processes=jax.process_count(), dataset_info=info)
