@@ -10,7 +10,6 @@ skipping finished stages and resuming the unfinished one at its last committed s
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 import zlib
@@ -195,6 +194,14 @@ def make_train_step(loss_fn: Callable, s: StageSetup, section, mesh):
                  donate_argnums=(0,))
 
 
+def batch_finisher(mesh) -> Callable[[dict], dict]:
+  """global batch -> the float32 batch the train step takes: data.finish_batch jitted with the
+  batch sharding for uint8 batches (config.data.normalize_on_device); float batches pass
+  through untouched (and do not compile anything)."""
+  finish = jax.jit(data.finish_batch, out_shardings=sharding.batch_sharding(mesh))
+  return lambda batch: finish(batch) if data.needs_finish(batch) else batch
+
+
 def step_scalars(mesh, student_steps: int, seed: int) -> dict:
   """The replicated scalars every train step takes beside the examples."""
   rep = sharding.replicated(mesh)
@@ -316,13 +323,15 @@ def run_stage(config, workdir: str, stage: Stage, mesh, programs: Optional[dict]
       dash.scalars(pstep, m)
 
   step = start
+  finish = batch_finisher(mesh)
   with data.make_loader(config.data, global_batch_size=int(section.batch_size), seed=seed,
                         start_step=start, process_index=jax.process_index(),
-                        process_count=jax.process_count()) as loader:
+                        process_count=jax.process_count(),
+                        host_normalize=not config.data.normalize_on_device) as loader:
     for step, local in loader:
       if step >= total:
         break
-      batch = sharding.global_batch_from_local(local, mesh, int(section.batch_size))
+      batch = finish(sharding.global_batch_from_local(local, mesh, int(section.batch_size)))
       batch.update(scalars)
       state, metrics = step_fn(state, s.teacher_params, batch)
       if pending is not None:

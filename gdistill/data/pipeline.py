@@ -13,6 +13,12 @@ the process count.
   with make_loader(config.data, global_batch_size=B, seed=0, start_step=k) as loader:
     for step, batch in loader:  # batch = {'x': f32 [B/P, ...] in [-1, 1], 'label': i32 [B/P]}
       ...
+
+With host_normalize=False (config.data.normalize_on_device) image batches leave the loader
+thread as uint8 {'x': u8 [B/P, H, W, C], 'label', 'flip': bool [B/P] (with random_flip)}: a
+quarter of the bytes, and no float work in the loader thread. finish_batch, jitted on the
+device, turns them into exactly the host path's float32 batch: it looks each pixel up in the
+256 values normalize() gives on the host, and mirrors W where 'flip'.
 """
 import dataclasses
 import functools
@@ -21,6 +27,7 @@ import queue
 import threading
 from typing import Any, Callable
 
+import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -170,9 +177,36 @@ class _EpochOrder:
     return out
 
 
+def normalize(images: np.ndarray) -> np.ndarray:
+  """uint8 pixels -> float32 in [-1, 1]: images / 127.5 - 1 in IEEE float32 (the host path)."""
+  return images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
+# normalize() of every uint8 value: the device path looks pixels up here. XLA does not evaluate
+# x / 127.5 - 1 as numpy does: its simplifier turns the division into x * (1 / 127.5) (jax
+# 0.10.2 on CPU: up to 126 ulp off near 0, and 1.0000001 at 255, outside [-1, 1]).
+_LEVELS = normalize(np.arange(256, dtype=np.uint8))
+
+
+def normalize_on_device(images):
+  """normalize() for a uint8 jax array under jit, bit for bit: a lookup of the host's 256
+  values (no device arithmetic to round differently)."""
+  return jnp.take(jnp.asarray(_LEVELS), images.astype(jnp.int32), mode="clip")
+
+
+def _flip_mask(seed: int, step: int, global_batch_size: int, lo: int, hi: int) -> np.ndarray:
+  rng = np.random.default_rng([seed, step, _FLIP_STREAM])
+  return (rng.random(global_batch_size) < 0.5)[lo:hi]
+
+
 def _reader(data_cfg, source: _Source, *, global_batch_size: int, seed: int,
-            lo: int, hi: int) -> Callable[[int], dict[str, np.ndarray]]:
-  """step -> rows [lo, hi) of the global batch at that step."""
+            lo: int, hi: int,
+            host_normalize: bool = True) -> Callable[[int], dict[str, np.ndarray]]:
+  """step -> rows [lo, hi) of the global batch at that step.
+
+  host_normalize=False: image datasets give uint8 'x' and, with random_flip, the bool 'flip'
+  mask for finish_batch (toy2d's points are float32 either way).
+  """
   if global_batch_size < 1 or seed < 0:
     raise ValueError(f"global_batch_size={global_batch_size}, seed={seed}: "
                      "need global_batch_size >= 1 and seed >= 0.")
@@ -193,14 +227,38 @@ def _reader(data_cfg, source: _Source, *, global_batch_size: int, seed: int,
   def read(step: int) -> dict[str, np.ndarray]:
     positions = step * global_batch_size + np.arange(lo, hi, dtype=np.int64)
     images, labels = source.fetch(order.indices(positions))
-    x = images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+    assert images.shape == (hi - lo, *source.info.shape), images.shape
+    if not host_normalize:
+      out = {"x": np.asarray(images, np.uint8), "label": labels.astype(np.int32)}
+      if flip_images:
+        out["flip"] = _flip_mask(seed, step, global_batch_size, lo, hi)
+      return out
+    x = normalize(images)
     if flip_images:
-      rng = np.random.default_rng([seed, step, _FLIP_STREAM])
-      flip = (rng.random(global_batch_size) < 0.5)[lo:hi]
+      flip = _flip_mask(seed, step, global_batch_size, lo, hi)
       x[flip] = x[flip][:, :, ::-1]  # [b, H, W, C]: mirror W.
-    assert x.shape == (hi - lo, *source.info.shape), x.shape
     return {"x": x, "label": labels.astype(np.int32)}
   return read
+
+
+def finish_batch(batch: dict) -> dict:
+  """The device half of a host_normalize=False batch (trace it under jax.jit): uint8 'x' ->
+  normalize_on_device(x), then mirrored along W where 'flip' (the key is consumed). A float
+  'x' (toy2d, or a batch the host already normalized) is left as it is, flip aside."""
+  out = dict(batch)
+  x = out["x"]
+  if x.dtype == jnp.uint8:
+    x = normalize_on_device(x)
+  flip = out.pop("flip", None)
+  if flip is not None:
+    x = jnp.where(flip.reshape((-1,) + (1,) * (x.ndim - 1)), x[:, :, ::-1], x)
+  out["x"] = x
+  return out
+
+
+def needs_finish(batch: dict) -> bool:
+  """Whether finish_batch would change the batch (uint8 images or a flip mask)."""
+  return "flip" in batch or batch["x"].dtype == np.uint8
 
 
 def dataset_info(data_cfg) -> DatasetInfo:
@@ -208,11 +266,12 @@ def dataset_info(data_cfg) -> DatasetInfo:
   return _open(data_cfg).info
 
 
-def global_batch(data_cfg, *, global_batch_size: int, seed: int,
-                 step: int) -> dict[str, np.ndarray]:
-  """The whole global batch at `step`: {'x': f32 [B, ...], 'label': i32 [B]}."""
+def global_batch(data_cfg, *, global_batch_size: int, seed: int, step: int,
+                 host_normalize: bool = True) -> dict[str, np.ndarray]:
+  """The whole global batch at `step`: {'x': f32 [B, ...], 'label': i32 [B]} (host_normalize
+  False: the uint8 form, see the module doc)."""
   return _reader(data_cfg, _open(data_cfg), global_batch_size=global_batch_size,
-                 seed=seed, lo=0, hi=global_batch_size)(step)
+                 seed=seed, lo=0, hi=global_batch_size, host_normalize=host_normalize)(step)
 
 
 def load_array(data_cfg, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
@@ -300,8 +359,11 @@ class _Failure:
 
 def make_loader(data_cfg, *, global_batch_size: int, seed: int, start_step: int,
                 process_index: int = 0, process_count: int = 1,
-                prefetch: int = 2) -> Loader:
-  """This process's rows of the global batch at start_step, start_step + 1, ..."""
+                prefetch: int = 2, host_normalize: bool = True) -> Loader:
+  """This process's rows of the global batch at start_step, start_step + 1, ...
+
+  host_normalize=False: uint8 image batches for finish_batch on the device (module doc).
+  """
   if global_batch_size % process_count or not 0 <= process_index < process_count:
     raise ValueError(
         f"global_batch_size={global_batch_size}, process_index={process_index}, "
@@ -314,5 +376,5 @@ def make_loader(data_cfg, *, global_batch_size: int, seed: int, start_step: int,
   lo, hi = process_index * local, (process_index + 1) * local
   source = _open(data_cfg)  # Fails here, not in the thread, if data is missing.
   read = _reader(data_cfg, source, global_batch_size=global_batch_size, seed=seed,
-                 lo=lo, hi=hi)
+                 lo=lo, hi=hi, host_normalize=host_normalize)
   return Loader(read, start_step=start_step, prefetch=prefetch, info=source.info)
