@@ -13,7 +13,13 @@ synthetic batches and random parameters filled on the host (no workdir, no datas
   model FLOPs per image: flops.py's analytic count, XLA's count of the same dots and
     convolutions, XLA's count of every op; achieved FLOP/s and MFU per device against
     flops.peak_flops (data sheet; on CPU the best of two matmul ceilings measured here);
-  XLA's memory analysis of each compiled program.
+  XLA's memory analysis of each compiled program;
+  'loader': the teacher step fed by the real input pipeline (data.make_loader, its prefetch
+    thread, global_batch_from_local) against the same step fed one pre-built device batch, with
+    the loader normalizing on the host and on the device (data.normalize_on_device), in
+    alternating blocks of steps run as train.run_stage runs them; the loader's share of the step
+    time, and its own host cost per batch (also for a synthetic 64x64x3 source). It needs the
+    dataset (digits prepares itself); an unprepared one is reported as skipped.
 Prints a markdown table; writes benchmark.json and benchmark.md under --out (default $OUT, else
 the current directory). --batch_sizes=512,256 tries each step kind at those global batches in
 turn and keeps the first that fits: a compiled step whose XLA peak memory exceeds the device's
@@ -23,6 +29,7 @@ moves on to the next.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import statistics
@@ -35,11 +42,12 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from gdistill import config_lib, flops, losses, sampling, sharding, train
+from gdistill import config_lib, data, flops, losses, runtime, sampling, sharding, train
 from gdistill.denoiser import student_params_from_teacher
 from gdistill.plan import Stage
 
-KINDS = ("teacher", "guided", "progressive", "sample")
+KINDS = ("teacher", "guided", "progressive", "sample", "loader")
+STEP_KINDS = ("teacher", "guided", "progressive")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,6 +319,140 @@ def bench_sampling(config, mesh, *, batch_size: int, num_steps: int, repeats: in
   return rows
 
 
+def _loop(case: StepCase, batches, n: int) -> float:
+  """n train steps as train.run_stage runs them (dispatch step i, then fetch the metrics of
+  step i - 1); returns seconds per step, synchronized at the end."""
+  t = time.perf_counter()
+  pending = None
+  for _ in range(n):
+    batch = next(batches)
+    case.state, metrics = case.compiled(case.state, case.teacher_params, batch)
+    if pending is not None:
+      jax.device_get(pending)
+    pending = metrics
+  jax.device_get(pending)
+  jax.block_until_ready(case.state)
+  return (time.perf_counter() - t) / n
+
+
+def _fed(loader, mesh, batch_size: int, scalars: dict, finish):
+  for _, local in loader:
+    batch = finish(sharding.global_batch_from_local(local, mesh, batch_size))
+    batch.update(scalars)
+    yield batch
+
+
+LOADER_MODES = ("device_batch", "loader_host_normalize", "loader_device_normalize")
+
+
+def _median_us(fn, n: int) -> float:
+  times = []
+  for i in range(n):
+    t = time.perf_counter()
+    fn(i)
+    times.append(time.perf_counter() - t)
+  return 1e6 * statistics.median(times)
+
+
+def loader_host_cost(data_cfg, source, batch_size: int, *, calls: int = 30) -> dict:
+  """Microseconds per batch that the loader thread spends producing a batch (fetch, and with
+  host normalization the float conversion and flip), timed alone in this thread, and the bytes
+  it hands over."""
+  from gdistill.data import pipeline
+  out = {"shape": list(source.info.shape), "batch": batch_size,
+         "random_flip": bool(data_cfg.random_flip)}
+  for host in (True, False):
+    read = pipeline._reader(data_cfg, source, global_batch_size=batch_size, seed=0, lo=0,
+                            hi=batch_size, host_normalize=host)
+    name = "host_normalize" if host else "device_normalize"
+    out[f"{name}_us"] = _median_us(read, calls)
+    out[f"{name}_bytes"] = int(sum(v.nbytes for v in read(0).values()))
+  return out
+
+
+def synthetic_source(shape=(64, 64, 3), num_examples: int = 2048, num_classes: int = 1000):
+  """An in-memory uint8 image source of the given shape (random pixels) for loader_host_cost."""
+  from gdistill.data import pipeline
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (num_examples,) + tuple(shape), dtype=np.uint8)
+  labels = rng.integers(0, num_classes, num_examples).astype(np.int32)
+  info = pipeline.DatasetInfo("synthetic", tuple(shape), num_classes, num_examples)
+  return pipeline._Source(info, lambda idx: (images[idx], labels[idx]))
+
+
+def bench_loader(config, case: StepCase, mesh, *, steps: int, warmup: int, rounds: int,
+                 log=print) -> dict:
+  """The teacher step fed by the real loader vs by one pre-built device batch (module doc).
+
+  Each round runs every mode once, as a block: open the loader (its thread starts
+  prefetching), `warmup` untimed steps, `steps` timed steps, close it. Figures are medians over
+  the rounds of the per-step time of a block; overhead_pct is relative to device_batch.
+  """
+  from gdistill.data import pipeline
+  try:
+    source = pipeline._open(config.data)
+  except FileNotFoundError as e:
+    log(f"[loader] skipped: {' '.join(str(e).splitlines())}")
+    return {"skipped": " ".join(str(e).splitlines())}
+  b = case.batch_size
+  finish = train.batch_finisher(mesh)
+  scalars = train.step_scalars(mesh, 0, seed=0)
+  fixed = dict(case.batch)
+  times = {m: [] for m in LOADER_MODES}
+  step0 = 0
+  for _ in range(rounds):
+    for mode in LOADER_MODES:
+      if mode == "device_batch":
+        it = itertools.repeat(fixed)
+        if warmup:
+          _loop(case, it, warmup)
+        times[mode].append(_loop(case, it, steps))
+        continue
+      with data.make_loader(config.data, global_batch_size=b, seed=0, start_step=step0,
+                            host_normalize=mode == "loader_host_normalize") as loader:
+        it = _fed(loader, mesh, b, scalars, finish)
+        if warmup:
+          _loop(case, it, warmup)
+        times[mode].append(_loop(case, it, steps))
+      step0 += warmup + steps + 4
+  med = {m: statistics.median(v) for m, v in times.items()}
+  base = med["device_batch"]
+  # The main thread's pieces, each timed alone (no loader thread running).
+  pieces = {}
+  for host in (True, False):
+    read = pipeline._reader(config.data, source, global_batch_size=b, seed=0, lo=0, hi=b,
+                            host_normalize=host)
+    local = [read(i) for i in range(8)]
+    pieces["transfer_float32_us" if host else "transfer_uint8_us"] = _median_us(
+        lambda i: jax.block_until_ready(
+            sharding.global_batch_from_local(local[i % 8], mesh, b)), 20)
+  on_dev = [sharding.global_batch_from_local(x, mesh, b) for x in local]
+  jax.block_until_ready(finish(on_dev[0]))            # compiles finish_batch (tens of ms)
+  pieces["finish_on_device_us"] = _median_us(
+      lambda i: jax.block_until_ready(finish(on_dev[i % 8])), 20)
+  out = {"batch": b, "steps_per_round": steps, "warmup": warmup, "rounds": rounds,
+         "seconds_per_step": med, "seconds_per_step_rounds": times,
+         "overhead_pct": {m: 100.0 * (med[m] / base - 1.0) for m in LOADER_MODES[1:]},
+         "host_cost": loader_host_cost(config.data, source, b),
+         "host_cost_64x64x3": loader_host_cost(_DataCfg(random_flip=True),
+                                               synthetic_source(), b),
+         "pieces": pieces,
+         "normalize_on_device_default": bool(config.data.normalize_on_device),
+         "tensorflow_imported": "tensorflow" in sys.modules,
+         "tensorflow": runtime.tensorflow_report()}
+  for m in LOADER_MODES:
+    extra = "" if m == "device_batch" else f" ({out['overhead_pct'][m]:+.1f}%)"
+    log(f"[loader] {m}: {1e3 * med[m]:.1f} ms/step{extra}")
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _DataCfg:
+  """The data keys _reader reads, for the synthetic source."""
+  name: str = "synthetic"
+  random_flip: bool = False
+
+
 def _with_batch(config, kind: str, batch: int):
   section = "teacher" if kind in ("teacher", "sample") else kind
   config[section].batch_size = int(batch)
@@ -318,7 +460,8 @@ def _with_batch(config, kind: str, batch: int):
 
 def run(config, *, steps: int = 10, warmup: int = 2, kinds=KINDS, sample_batch: int = 0,
         sample_steps: int = 0, sample_repeats: int = 2, batch_sizes=(),
-        reference_img_s: float = 0.0, memory_limit: int = 0, log=print) -> dict:
+        reference_img_s: float = 0.0, memory_limit: int = 0, loader_rounds: int = 3,
+        log=print) -> dict:
   """Benchmarks `kinds` of config on all devices; returns the result dict (see module doc)."""
   t_start = time.time()
   load_before = os.getloadavg()
@@ -364,16 +507,24 @@ def run(config, *, steps: int = 10, warmup: int = 2, kinds=KINDS, sample_batch: 
   for kind in kinds:
     if kind not in KINDS:
       raise ValueError(f"unknown benchmark kind {kind!r}; valid: {KINDS}")
+  loader = None
   with jax.set_mesh(mesh):
-    for kind in (k for k in kinds if k != "sample"):
+    step_kinds = [k for k in kinds if k in STEP_KINDS]
+    for kind in step_kinds + (["teacher"] if "loader" in kinds and "teacher" not in kinds
+                              else []):
       tries = [b for b in batch_sizes if b <= chosen.get("last", b)] or [
           int(config[kind].batch_size)]
       cases.append(first_fit(kind, tries, lambda b, kind=kind: build_step(kind, b)))
       c = cases[-1]
       log(f"[{kind}] batch {c.batch_size}: compile {c.timings['compile_s']:.1f} s"
           f"{' (persistent cache)' * c.timings['compile_cache_hit']}")
-    times = time_steps(cases, steps=steps, warmup=max(warmup - 1, 0))
-    rows += [step_row(config, c, times[c.kind], peak=peak, num_devices=mesh.size) for c in cases]
+    timed = [c for c in cases if c.kind in step_kinds]
+    times = time_steps(timed, steps=steps, warmup=max(warmup - 1, 0))
+    rows += [step_row(config, c, times[c.kind], peak=peak, num_devices=mesh.size) for c in timed]
+    if "loader" in kinds:
+      teacher = next(c for c in cases if c.kind == "teacher")
+      loader = bench_loader(config, teacher, mesh, steps=steps, warmup=warmup,
+                            rounds=loader_rounds, log=log)
     del cases[:]
     if "sample" in kinds:
       tries = ([sample_batch] if sample_batch else
@@ -409,6 +560,8 @@ def run(config, *, steps: int = 10, warmup: int = 2, kinds=KINDS, sample_batch: 
             "host_cpus": os.cpu_count(), "load_average_1m": [load_before[0], os.getloadavg()[0]],
             "command": " ".join([os.path.basename(sys.executable), "-m", "gdistill.benchmark"]
                                 + sys.argv[1:])}
+  if loader is not None:
+    result["loader"] = loader
   if reference_img_s and "teacher" in by:
     result["reference"] = {"teacher_img_s": reference_img_s,
                            "speedup": by["teacher"]["images_per_s_per_device"] * len(devices)
@@ -420,7 +573,7 @@ def markdown(result: dict) -> str:
   head = ("| step | batch | compile s | median ms | img/s/device | GFLOP/img (analytic) | "
           "XLA dot+conv / analytic | XLA all ops / analytic | TFLOP/s/device | MFU | "
           "peak mem MiB |\n|" + "---|" * 11)
-  lines = [head]
+  lines = [head] if result["rows"] else []
   for r in result["rows"]:
     lines.append(
         f"| {r['name']} | {r['batch']} | {r['compile_s']:.1f}{' (cached)' * r['compile_cache_hit']}"
@@ -439,9 +592,37 @@ def markdown(result: dict) -> str:
     ref = result["reference"]
     lines.append(f"teacher step vs reference {ref['teacher_img_s']:.0f} img/s: "
                  f"{ref['speedup']:.2f}x")
+  if "loader" in result:
+    lines += ["", loader_markdown(result["loader"]), ""]
   lines.append(f"total benchmark time {result['total_s']:.0f} s; host load average (1 min) "
                f"{result['load_average_1m'][0]:.1f} before, {result['load_average_1m'][1]:.1f} "
                f"after, on {result['host_cpus']} CPUs")
+  return "\n".join(lines)
+
+
+def loader_markdown(lo: dict) -> str:
+  if "skipped" in lo:
+    return f"loader: skipped ({lo['skipped']})"
+  sec = lo["seconds_per_step"]
+  lines = [f"Teacher step (batch {lo['batch']}) fed by the input pipeline, {lo['rounds']} "
+           f"rounds of {lo['steps_per_round']} steps per mode (median of the rounds):", "",
+           "| fed by | ms/step | loader overhead |", "|---|---|---|"]
+  for m in LOADER_MODES:
+    over = "-" if m == "device_batch" else f"{lo['overhead_pct'][m]:+.1f}%"
+    lines.append(f"| {m.replace('_', ' ')} | {1e3 * sec[m]:.1f} | {over} |")
+  lines.append("")
+  for key, what in (("host_cost", "this dataset"), ("host_cost_64x64x3", "synthetic 64x64x3")):
+    h = lo[key]
+    lines.append(
+        f"loader thread per batch ({what}, {h['batch']} x {tuple(h['shape'])}, flip "
+        f"{h['random_flip']}): host normalize {h['host_normalize_us']:.0f} us "
+        f"({h['host_normalize_bytes'] / 2 ** 20:.2f} MiB), device normalize "
+        f"{h['device_normalize_us']:.0f} us ({h['device_normalize_bytes'] / 2 ** 20:.2f} MiB)")
+  p = lo["pieces"]
+  lines.append(f"main thread per batch: global_batch_from_local float32 "
+               f"{p['transfer_float32_us']:.0f} us, uint8 {p['transfer_uint8_us']:.0f} us; "
+               f"jitted finish_batch {p['finish_on_device_us']:.0f} us. TensorFlow imported "
+               f"in this process: {lo['tensorflow_imported']}")
   return "\n".join(lines)
 
 
@@ -463,14 +644,15 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from absl import logging
   logging.set_verbosity(logging.WARNING)
-  from gdistill import runtime
   runtime.enable_compilation_cache(FLAGS.compilation_cache)
+  runtime.configure_tensorflow(FLAGS.config.data)
   kinds = tuple(k for k in FLAGS.only.split(",") if k) or KINDS
   result = run(FLAGS.config, steps=FLAGS.steps, warmup=FLAGS.warmup, kinds=kinds,
                sample_batch=FLAGS.sample_batch, sample_steps=FLAGS.sample_steps,
                sample_repeats=FLAGS.sample_repeats,
                batch_sizes=tuple(int(b) for b in FLAGS.batch_sizes.split(",") if b),
-               reference_img_s=FLAGS.reference_img_s, memory_limit=FLAGS.memory_limit_bytes)
+               reference_img_s=FLAGS.reference_img_s, memory_limit=FLAGS.memory_limit_bytes,
+               loader_rounds=FLAGS.loader_rounds)
   print(markdown(result), flush=True)
   path = write(result, FLAGS.out or os.environ.get("OUT") or ".")
   print(f"wrote {path}", flush=True)
@@ -491,6 +673,8 @@ if __name__ == "__main__":
   flags.DEFINE_integer("memory_limit_bytes", 0, "Per-device memory for the fit check (0: the "
                        "device's bytes_limit; none on CPU).")
   flags.DEFINE_float("reference_img_s", 0.0, "A teacher-step img/s to compare against.")
+  flags.DEFINE_integer("loader_rounds", 3, "Rounds of the 'loader' measurement (each runs "
+                       "every feed mode for --warmup + --steps steps).")
   flags.DEFINE_string("compilation_cache", "~/.cache/gdistill/xla",
                       "Persistent XLA compilation cache, as in gdistill.main ('' disables it: "
                       "cold compile times); rows say whether the cache served them.")

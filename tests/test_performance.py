@@ -3,6 +3,10 @@
 The sampler's single compile for every N is tested in test_sampling.py.
 """
 import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import flax.linen as nn
 import jax
@@ -10,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gdistill import benchmark, flops, losses, train
+from gdistill import benchmark, config_lib, data, flops, losses, sharding, train
 import util
 
 
@@ -55,6 +59,12 @@ def _loss_program(c, kind, batch_size=4):
            "student_steps": jnp.int32(stage.student_steps or 0), "seed": jnp.int32(0)}
   loss_fn = losses.make_loss(kind, student=student, teacher=teacher, dcfg=c.diffusion)
   return params, tparams, batch, loss_fn
+
+
+@pytest.fixture
+def tfds_dir(tmp_path_factory):
+  """The session's digits8x8 (prepared on first use), shared with test_train.py."""
+  return str(tmp_path_factory.getbasetemp() / "tfds")
 
 
 @pytest.fixture
@@ -239,10 +249,144 @@ def test_benchmark_runs_and_writes_its_json(tmp_path):
 
 
 @pytest.mark.slow
-def test_benchmark_all_steps_and_ratios():
-  result = benchmark.run(_tiny(), steps=2, warmup=1, sample_repeats=1, sample_steps=2,
-                         log=lambda s: None)
+def test_benchmark_all_steps_and_ratios(tfds_dir):
+  result = benchmark.run(_tiny(**{"data.data_dir": tfds_dir}), steps=2, warmup=1,
+                         sample_repeats=1, sample_steps=2, loader_rounds=1, log=lambda s: None)
   _check_rows(result, ["teacher", "guided", "progressive", "sample_teacher_guided_2",
                        "sample_student_2", "sample_student_1"])
   assert set(result["step_time_ratios"]) == {"guided_over_teacher", "progressive_over_teacher"}
   assert result["batch_sizes"] == {"teacher": 16, "guided": 16, "progressive": 16, "sample": 16}
+  assert set(result["loader"]["seconds_per_step"]) == set(benchmark.LOADER_MODES)
+
+
+# ------------------------------------------------------------- the input pipeline's fast path
+def _ulps(a, b):
+  return int(np.max(np.abs(np.asarray(a, np.float32).view(np.int32).astype(np.int64)
+                           - np.asarray(b, np.float32).view(np.int32).astype(np.int64))))
+
+
+def test_device_normalization_is_the_host_path_bit_for_bit(mesh, tfds_dir):
+  """data.normalize_on_device: the loader ships uint8 (and the flip mask); the jitted
+  finish_batch gives the host path's float32 batch exactly (0 ulp, every uint8 value)."""
+  u = np.arange(256, dtype=np.uint8)
+  host = data.normalize(u)
+  assert host[0] == -1.0 and host[255] == 1.0 and host.dtype == np.float32
+  assert _ulps(jax.jit(data.normalize_on_device)(u), host) == 0
+  # Why a lookup: XLA rewrites the division (126 ulp near 0 and 1.0000001 at 255 with jax
+  # 0.10.2 on CPU); report it, do not depend on it.
+  arith = jax.jit(lambda v: v.astype(jnp.float32) / jnp.float32(127.5) - jnp.float32(1.0))(u)
+  print(f"jitted x / 127.5 - 1 vs numpy: max {_ulps(arith, host)} ulp")
+  c = _tiny(**{"data.data_dir": tfds_dir, "data.random_flip": True})
+  b = int(c.teacher.batch_size)
+  feeds = _feeds(c, mesh, steps=3)
+  raw = data.global_batch(c.data, global_batch_size=b, seed=3, step=5, host_normalize=False)
+  assert raw["x"].dtype == np.uint8 and raw["x"].nbytes * 4 == feeds[True][0]["x"].nbytes
+  assert 0 < raw["flip"].sum() < b                     # the flip is exercised both ways
+  for h, d in zip(feeds[True], feeds[False]):
+    assert set(d) == {"x", "label"} and d["x"].dtype == jnp.float32
+    assert d["x"].sharding.is_equivalent_to(sharding.batch_sharding(mesh), 4)
+    assert _ulps(h["x"], d["x"]) == 0
+    np.testing.assert_array_equal(h["label"], d["label"])
+  # A float batch (toy2d, or the host path) passes through without a device program.
+  flt = {"x": np.zeros((4, 2), np.float32), "label": np.zeros((4,), np.int32)}
+  assert not data.needs_finish(flt) and train.batch_finisher(mesh)(flt) is flt
+
+
+def _feeds(c, mesh, steps):
+  """{host_normalize: [global float32 batches]} from the threaded loader, as training builds
+  them (global_batch_from_local, then train.batch_finisher)."""
+  b = int(c.teacher.batch_size)
+  finish = train.batch_finisher(mesh)
+  feeds = {}
+  for host_normalize in (True, False):
+    with data.make_loader(c.data, global_batch_size=b, seed=3, start_step=5,
+                          host_normalize=host_normalize) as loader:
+      feeds[host_normalize] = [finish(sharding.global_batch_from_local(next(loader)[1], mesh, b))
+                               for _ in range(steps)]
+  return feeds
+
+
+def test_loader_paths_train_alike_and_the_benchmark_measures_them(mesh, tfds_dir):
+  """Both loader paths give the same losses and parameters over 3 train steps; the 'loader'
+  benchmark (one compile of the teacher step, shared) reports every figure."""
+  c = _tiny(**{"data.data_dir": tfds_dir, "data.random_flip": True})
+  case = benchmark.prepare_step(c, "teacher", mesh)
+  s = benchmark.setup(c, benchmark._stage(c, "teacher"), mesh)
+  runs = {}
+  for host_normalize, batches in _feeds(c, mesh, steps=3).items():
+    state, losses_ = benchmark.random_state(s), []
+    for batch in batches:
+      state, m = case.compiled(state, None, {**batch, **train.step_scalars(mesh, 0, 0)})
+      losses_.append(float(m["loss"]))
+    runs[host_normalize] = losses_, state["params"]
+  assert runs[True][0] == runs[False][0], runs
+  for a, b in zip(jax.tree.leaves(runs[True][1]), jax.tree.leaves(runs[False][1])):
+    np.testing.assert_array_equal(a, b)
+
+  lo = benchmark.bench_loader(c, case, mesh, steps=2, warmup=1, rounds=1, log=lambda s: None)
+  assert set(lo["seconds_per_step"]) == set(benchmark.LOADER_MODES)
+  assert all(np.isfinite(v) and v > 0 for v in lo["seconds_per_step"].values())
+  assert set(lo["overhead_pct"]) == set(benchmark.LOADER_MODES[1:])
+  for key in ("host_cost", "host_cost_64x64x3"):
+    assert lo[key]["host_normalize_us"] > 0 and lo[key]["device_normalize_us"] > 0
+  big = lo["host_cost_64x64x3"]                     # uint8 x + labels + flip vs float32 x + labels
+  assert big["device_normalize_bytes"] == 16 * 64 * 64 * 3 + 16 * 4 + 16
+  assert big["host_normalize_bytes"] == 4 * 16 * 64 * 64 * 3 + 16 * 4
+  assert lo["pieces"]["finish_on_device_us"] > 0
+  md = benchmark.loader_markdown(lo)
+  assert "| loader host normalize |" in md and "| loader device normalize |" in md
+
+
+def test_loader_benchmark_skips_an_unprepared_dataset(mesh, tmp_path):
+  c = _tiny(**{"data.name": "cifar10", "data.data_dir": str(tmp_path)})
+  out = benchmark.bench_loader(c, None, mesh, steps=1, warmup=0, rounds=1, log=lambda s: None)
+  assert "tfds build cifar10" in out["skipped"]
+  assert "skipped" in benchmark.loader_markdown(out)
+
+
+def test_tensorflow_kept_off_accelerators_and_xla_cores(tmp_path):
+  """configure_tensorflow before TensorFlow's import (as main/train.prepare call it): the import
+  hook hides GPU/TPU and sets the pools before clu's writer runs the first op; a later call with
+  other settings warns and leaves TensorFlow as it is (it cannot change a started context)."""
+  code = textwrap.dedent("""
+      import json, os, sys
+      import ml_collections
+      from gdistill import dashboard, runtime
+      cfg = ml_collections.ConfigDict(dict(tf_intra_op_threads=1, tf_inter_op_threads=2,
+                                           tf_hide_accelerators=True))
+      runtime.configure_tensorflow(cfg)
+      imported_early = "tensorflow" in sys.modules
+      d = dashboard.Dashboard(sys.argv[1], "t", 2, 4)    # imports TensorFlow (clu), first op
+      d.scalars(1, {"loss": 1.0}, console=False)
+      d.close()
+      first = runtime.tensorflow_report()
+      runtime.configure_tensorflow(cfg)                  # unchanged: nothing to do, no warning
+      again = runtime.tensorflow_report()
+      env = [os.environ.get("TF_NUM_INTRAOP_THREADS"), os.environ.get("TF_NUM_INTEROP_THREADS")]
+      runtime.configure_tensorflow(intra_op_threads=3)   # too late: one warning, no exception
+      print(json.dumps({"early": imported_early, "first": first, "again": again,
+                        "late": runtime.tensorflow_report(), "env": env}))
+      """)
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  p = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=util.ROOT, env=env,
+                     capture_output=True, text=True, timeout=120)
+  assert p.returncode == 0, p.stderr[-2000:]
+  r = json.loads(p.stdout.strip().splitlines()[-1])
+  assert not r["early"]                                  # configuring does not import it
+  want = {"applied": True, "error": "", "visible_device_types": ["CPU"],
+          "intra_op_threads": 1, "inter_op_threads": 2}
+  assert r["first"] == want and r["again"] == want
+  assert not r["late"]["applied"] and r["late"]["intra_op_threads"] == 1
+  assert p.stderr.count("TensorFlow's context started before") == 1
+  assert r["env"] == ["1", "2"]
+
+
+def test_data_fast_path_keys_are_validated():
+  for key, bad in (("data.tf_intra_op_threads", -1), ("data.tf_inter_op_threads", -2)):
+    c = util.quick_config(**{key: bad})
+    with pytest.raises(config_lib.ConfigError, match=f"config.{key}={bad}"):
+      config_lib.validate(c, num_devices=1)
+  c = util.quick_config()
+  assert c.data.normalize_on_device is True and c.data.tf_hide_accelerators is True
+  assert (c.data.tf_intra_op_threads, c.data.tf_inter_op_threads) == (1, 1)
