@@ -14,12 +14,13 @@ synthetic batches and random parameters filled on the host (no workdir, no datas
     convolutions, XLA's count of every op; achieved FLOP/s and MFU per device against
     flops.peak_flops (data sheet; on CPU the best of two matmul ceilings measured here);
   XLA's memory analysis of each compiled program;
-  'loader': the teacher step fed by the real input pipeline (data.make_loader, its prefetch
-    thread, global_batch_from_local) against the same step fed one pre-built device batch, with
-    the loader normalizing on the host and on the device (data.normalize_on_device), in
-    alternating blocks of steps run as train.run_stage runs them; the loader's share of the step
-    time, and its own host cost per batch (also for a synthetic 64x64x3 source). It needs the
-    dataset (digits prepares itself); an unprepared one is reported as skipped.
+  'loader' (on request only: --only=loader, or listed with the others): the teacher step fed
+    by the real input pipeline (data.make_loader, its prefetch thread, global_batch_from_local)
+    against the same step fed one pre-built device batch, with the loader normalizing on the
+    host and on the device (data.normalize_on_device), in alternating blocks of steps run as
+    train.run_stage runs them; the loader's share of the step time, measured and from its
+    pieces timed alone (also for a synthetic 64x64x3 source). It needs the dataset (digits
+    prepares itself); an unprepared one is reported as skipped.
 Prints a markdown table; writes benchmark.json and benchmark.md under --out (default $OUT, else
 the current directory). --batch_sizes=512,256 tries each step kind at those global batches in
 turn and keeps the first that fits: a compiled step whose XLA peak memory exceeds the device's
@@ -47,6 +48,7 @@ from gdistill.denoiser import student_params_from_teacher
 from gdistill.plan import Stage
 
 KINDS = ("teacher", "guided", "progressive", "sample", "loader")
+DEFAULT_KINDS = ("teacher", "guided", "progressive", "sample")   # 'loader' on request (--only)
 STEP_KINDS = ("teacher", "guided", "progressive")
 
 
@@ -370,6 +372,26 @@ def loader_host_cost(data_cfg, source, batch_size: int, *, calls: int = 30) -> d
   return out
 
 
+def main_thread_cost(data_cfg, source, mesh, batch_size: int, finish, *, calls: int = 20) -> dict:
+  """Microseconds per batch the training thread spends on it, timed alone: the transfer
+  (global_batch_from_local) of the float32 and of the uint8 batch, and the jitted finish_batch
+  of the uint8 one (on a CPU it runs on XLA's cores)."""
+  from gdistill.data import pipeline
+  b, out = batch_size, {}
+  for host in (True, False):
+    read = pipeline._reader(data_cfg, source, global_batch_size=b, seed=0, lo=0, hi=b,
+                            host_normalize=host)
+    local = [read(i) for i in range(8)]
+    out["transfer_float32_us" if host else "transfer_uint8_us"] = _median_us(
+        lambda i: jax.block_until_ready(
+            sharding.global_batch_from_local(local[i % 8], mesh, b)), calls)
+  on_dev = [sharding.global_batch_from_local(x, mesh, b) for x in local]
+  jax.block_until_ready(finish(on_dev[0]))            # compiles finish_batch (tens of ms)
+  out["finish_on_device_us"] = _median_us(
+      lambda i: jax.block_until_ready(finish(on_dev[i % 8])), calls)
+  return out
+
+
 def synthetic_source(shape=(64, 64, 3), num_examples: int = 2048, num_classes: int = 1000):
   """An in-memory uint8 image source of the given shape (random pixels) for loader_host_cost."""
   from gdistill.data import pipeline
@@ -384,9 +406,15 @@ def bench_loader(config, case: StepCase, mesh, *, steps: int, warmup: int, round
                  log=print) -> dict:
   """The teacher step fed by the real loader vs by one pre-built device batch (module doc).
 
-  Each round runs every mode once, as a block: open the loader (its thread starts
-  prefetching), `warmup` untimed steps, `steps` timed steps, close it. Figures are medians over
-  the rounds of the per-step time of a block; overhead_pct is relative to device_batch.
+  Each round runs every mode once (the order rotates from round to round), as a block: open
+  the loader (its thread starts prefetching), `warmup` untimed steps, `steps` timed steps,
+  close it. seconds_per_step: median over the rounds of a block's time per step;
+  overhead_pct: median over the rounds of block / device_batch block of the same round - 1
+  (paired, so a load that drifts between rounds cancels), with its range over the rounds;
+  overhead_pct_of_min: the same from each mode's fastest block (the least disturbed one).
+  estimate_pct: the same share from the pieces timed alone (loader thread's work per batch +
+  the main thread's transfer and finish_batch, over the device_batch step time): what the
+  pipeline adds when nothing overlaps, readable even where the host's load hides it.
   """
   from gdistill.data import pipeline
   try:
@@ -395,13 +423,14 @@ def bench_loader(config, case: StepCase, mesh, *, steps: int, warmup: int, round
     log(f"[loader] skipped: {' '.join(str(e).splitlines())}")
     return {"skipped": " ".join(str(e).splitlines())}
   b = case.batch_size
+  synthetic_cfg, synthetic = _DataCfg(random_flip=True), synthetic_source()
   finish = train.batch_finisher(mesh)
   scalars = train.step_scalars(mesh, 0, seed=0)
   fixed = dict(case.batch)
   times = {m: [] for m in LOADER_MODES}
   step0 = 0
-  for _ in range(rounds):
-    for mode in LOADER_MODES:
+  for r in range(rounds):
+    for mode in LOADER_MODES[r % 3:] + LOADER_MODES[:r % 3]:
       if mode == "device_batch":
         it = itertools.repeat(fixed)
         if warmup:
@@ -416,32 +445,33 @@ def bench_loader(config, case: StepCase, mesh, *, steps: int, warmup: int, round
         times[mode].append(_loop(case, it, steps))
       step0 += warmup + steps + 4
   med = {m: statistics.median(v) for m, v in times.items()}
-  base = med["device_batch"]
-  # The main thread's pieces, each timed alone (no loader thread running).
-  pieces = {}
-  for host in (True, False):
-    read = pipeline._reader(config.data, source, global_batch_size=b, seed=0, lo=0, hi=b,
-                            host_normalize=host)
-    local = [read(i) for i in range(8)]
-    pieces["transfer_float32_us" if host else "transfer_uint8_us"] = _median_us(
-        lambda i: jax.block_until_ready(
-            sharding.global_batch_from_local(local[i % 8], mesh, b)), 20)
-  on_dev = [sharding.global_batch_from_local(x, mesh, b) for x in local]
-  jax.block_until_ready(finish(on_dev[0]))            # compiles finish_batch (tens of ms)
-  pieces["finish_on_device_us"] = _median_us(
-      lambda i: jax.block_until_ready(finish(on_dev[i % 8])), 20)
+  paired = {m: [100.0 * (t / t0 - 1.0) for t, t0 in zip(times[m], times["device_batch"])]
+            for m in LOADER_MODES[1:]}
+  pieces = main_thread_cost(config.data, source, mesh, b, finish)
+  host_cost = loader_host_cost(config.data, source, b)
+  per_step = {"loader_host_normalize": host_cost["host_normalize_us"]
+              + pieces["transfer_float32_us"],
+              "loader_device_normalize": host_cost["device_normalize_us"]
+              + pieces["transfer_uint8_us"] + pieces["finish_on_device_us"]}
   out = {"batch": b, "steps_per_round": steps, "warmup": warmup, "rounds": rounds,
          "seconds_per_step": med, "seconds_per_step_rounds": times,
-         "overhead_pct": {m: 100.0 * (med[m] / base - 1.0) for m in LOADER_MODES[1:]},
-         "host_cost": loader_host_cost(config.data, source, b),
-         "host_cost_64x64x3": loader_host_cost(_DataCfg(random_flip=True),
-                                               synthetic_source(), b),
+         "overhead_pct": {m: statistics.median(v) for m, v in paired.items()},
+         "overhead_pct_range": {m: [min(v), max(v)] for m, v in paired.items()},
+         "overhead_pct_of_min": {m: 100.0 * (min(times[m]) / min(times["device_batch"]) - 1.0)
+                                 for m in LOADER_MODES[1:]},
+         "estimate_us": per_step,
+         "estimate_pct": {m: 100.0 * 1e-6 * us / med["device_batch"]
+                          for m, us in per_step.items()},
+         "host_cost": host_cost,
+         "host_cost_64x64x3": loader_host_cost(synthetic_cfg, synthetic, b),
+         "pieces_64x64x3": main_thread_cost(synthetic_cfg, synthetic, mesh, b, finish),
          "pieces": pieces,
          "normalize_on_device_default": bool(config.data.normalize_on_device),
          "tensorflow_imported": "tensorflow" in sys.modules,
          "tensorflow": runtime.tensorflow_report()}
   for m in LOADER_MODES:
-    extra = "" if m == "device_batch" else f" ({out['overhead_pct'][m]:+.1f}%)"
+    extra = "" if m == "device_batch" else (f" (paired {out['overhead_pct'][m]:+.1f}%, pieces "
+                                            f"{out['estimate_pct'][m]:.2f}%)")
     log(f"[loader] {m}: {1e3 * med[m]:.1f} ms/step{extra}")
   return out
 
@@ -458,7 +488,7 @@ def _with_batch(config, kind: str, batch: int):
   config[section].batch_size = int(batch)
 
 
-def run(config, *, steps: int = 10, warmup: int = 2, kinds=KINDS, sample_batch: int = 0,
+def run(config, *, steps: int = 10, warmup: int = 2, kinds=DEFAULT_KINDS, sample_batch: int = 0,
         sample_steps: int = 0, sample_repeats: int = 2, batch_sizes=(),
         reference_img_s: float = 0.0, memory_limit: int = 0, loader_rounds: int = 3,
         log=print) -> dict:
@@ -605,11 +635,19 @@ def loader_markdown(lo: dict) -> str:
     return f"loader: skipped ({lo['skipped']})"
   sec = lo["seconds_per_step"]
   lines = [f"Teacher step (batch {lo['batch']}) fed by the input pipeline, {lo['rounds']} "
-           f"rounds of {lo['steps_per_round']} steps per mode (median of the rounds):", "",
-           "| fed by | ms/step | loader overhead |", "|---|---|---|"]
+           f"rounds of {lo['steps_per_round']} steps per mode (medians over the rounds):", "",
+           "| fed by | ms/step (median) | ms/step (fastest block) | loader overhead, paired "
+           "(range) | of the fastest blocks | from the pieces |", "|---|---|---|---|---|---|"]
   for m in LOADER_MODES:
-    over = "-" if m == "device_batch" else f"{lo['overhead_pct'][m]:+.1f}%"
-    lines.append(f"| {m.replace('_', ' ')} | {1e3 * sec[m]:.1f} | {over} |")
+    fastest = 1e3 * min(lo["seconds_per_step_rounds"][m])
+    if m == "device_batch":
+      lines.append(f"| device batch | {1e3 * sec[m]:.1f} | {fastest:.1f} | - | - | - |")
+      continue
+    lo_, hi_ = lo["overhead_pct_range"][m]
+    lines.append(f"| {m.replace('_', ' ')} | {1e3 * sec[m]:.1f} | {fastest:.1f} | "
+                 f"{lo['overhead_pct'][m]:+.1f}% ({lo_:+.1f}% .. {hi_:+.1f}%) | "
+                 f"{lo['overhead_pct_of_min'][m]:+.1f}% | "
+                 f"{lo['estimate_pct'][m]:.2f}% ({lo['estimate_us'][m]:.0f} us) |")
   lines.append("")
   for key, what in (("host_cost", "this dataset"), ("host_cost_64x64x3", "synthetic 64x64x3")):
     h = lo[key]
@@ -618,11 +656,12 @@ def loader_markdown(lo: dict) -> str:
         f"{h['random_flip']}): host normalize {h['host_normalize_us']:.0f} us "
         f"({h['host_normalize_bytes'] / 2 ** 20:.2f} MiB), device normalize "
         f"{h['device_normalize_us']:.0f} us ({h['device_normalize_bytes'] / 2 ** 20:.2f} MiB)")
-  p = lo["pieces"]
-  lines.append(f"main thread per batch: global_batch_from_local float32 "
-               f"{p['transfer_float32_us']:.0f} us, uint8 {p['transfer_uint8_us']:.0f} us; "
-               f"jitted finish_batch {p['finish_on_device_us']:.0f} us. TensorFlow imported "
-               f"in this process: {lo['tensorflow_imported']}")
+  for key, what in (("pieces", "this dataset"), ("pieces_64x64x3", "synthetic 64x64x3")):
+    p = lo[key]
+    lines.append(f"training thread per batch ({what}): global_batch_from_local float32 "
+                 f"{p['transfer_float32_us']:.0f} us, uint8 {p['transfer_uint8_us']:.0f} us; "
+                 f"jitted finish_batch {p['finish_on_device_us']:.0f} us")
+  lines.append(f"TensorFlow imported in this process: {lo['tensorflow_imported']}")
   return "\n".join(lines)
 
 
@@ -646,7 +685,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   runtime.enable_compilation_cache(FLAGS.compilation_cache)
   runtime.configure_tensorflow(FLAGS.config.data)
-  kinds = tuple(k for k in FLAGS.only.split(",") if k) or KINDS
+  kinds = tuple(k for k in FLAGS.only.split(",") if k) or DEFAULT_KINDS
   result = run(FLAGS.config, steps=FLAGS.steps, warmup=FLAGS.warmup, kinds=kinds,
                sample_batch=FLAGS.sample_batch, sample_steps=FLAGS.sample_steps,
                sample_repeats=FLAGS.sample_repeats,
@@ -664,7 +703,7 @@ if __name__ == "__main__":
   flags.DEFINE_string("out", "", "Output folder for benchmark.json/.md (default $OUT, else .).")
   flags.DEFINE_integer("steps", 10, "Timed steps per train step kind (after the warm-up).")
   flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
-  flags.DEFINE_string("only", "", f"Comma list of {KINDS} (default all).")
+  flags.DEFINE_string("only", "", f"Comma list of {KINDS} (default: all but 'loader').")
   flags.DEFINE_integer("sample_batch", 0, "Sampling batch (0: the teacher batch).")
   flags.DEFINE_integer("sample_steps", 0, "Sampler steps N (0: progressive.start_steps).")
   flags.DEFINE_integer("sample_repeats", 2, "Timed sampler calls per N.")

@@ -250,8 +250,9 @@ def test_benchmark_runs_and_writes_its_json(tmp_path):
 
 @pytest.mark.slow
 def test_benchmark_all_steps_and_ratios(tfds_dir):
-  result = benchmark.run(_tiny(**{"data.data_dir": tfds_dir}), steps=2, warmup=1,
-                         sample_repeats=1, sample_steps=2, loader_rounds=1, log=lambda s: None)
+  result = benchmark.run(_tiny(**{"data.data_dir": tfds_dir}), kinds=benchmark.KINDS, steps=2,
+                         warmup=1, sample_repeats=1, sample_steps=2, loader_rounds=1,
+                         log=lambda s: None)
   _check_rows(result, ["teacher", "guided", "progressive", "sample_teacher_guided_2",
                        "sample_student_2", "sample_student_1"])
   assert set(result["step_time_ratios"]) == {"guided_over_teacher", "progressive_over_teacher"}
@@ -326,7 +327,8 @@ def test_loader_paths_train_alike_and_the_benchmark_measures_them(mesh, tfds_dir
   lo = benchmark.bench_loader(c, case, mesh, steps=2, warmup=1, rounds=1, log=lambda s: None)
   assert set(lo["seconds_per_step"]) == set(benchmark.LOADER_MODES)
   assert all(np.isfinite(v) and v > 0 for v in lo["seconds_per_step"].values())
-  assert set(lo["overhead_pct"]) == set(benchmark.LOADER_MODES[1:])
+  assert set(lo["overhead_pct"]) == set(benchmark.LOADER_MODES[1:]) == set(lo["estimate_pct"])
+  assert all(0 < v < 100 for v in lo["estimate_pct"].values())
   for key in ("host_cost", "host_cost_64x64x3"):
     assert lo[key]["host_normalize_us"] > 0 and lo[key]["device_normalize_us"] > 0
   big = lo["host_cost_64x64x3"]                     # uint8 x + labels + flip vs float32 x + labels
