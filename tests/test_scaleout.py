@@ -35,16 +35,16 @@ def _env(devices: int) -> dict:
   return env
 
 
-def _cmd(workdir, overrides, extra=()) -> list[str]:
+def _cmd(workdir, overrides, extra=(), config="configs/digits.py:quick") -> list[str]:
   return [sys.executable, "-m", "gdistill.main",
-          f"--config={os.path.join(util.ROOT, 'configs/digits.py:quick')}", f"--workdir={workdir}",
+          f"--config={os.path.join(util.ROOT, config)}", f"--workdir={workdir}",
           "--compilation_cache=" + os.environ.get("GDISTILL_TEST_XLA_CACHE",
                                                   "/tmp/gdistill_test_xla_cache"),
           *util.cli_args(overrides), *extra]
 
 
 def _start_group(workdir, overrides, *, n: int, devices: int, logdir, heartbeat: int = 100,
-                 port: int = 0):
+                 port: int = 0, config="configs/digits.py:quick"):
   """n processes of gdistill.main over loopback, `devices` CPU devices each; logs in logdir."""
   port = port or _free_port()
   procs = []
@@ -53,7 +53,7 @@ def _start_group(workdir, overrides, *, n: int, devices: int, logdir, heartbeat:
     flags = [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={n}",
              f"--process_id={i}", f"--heartbeat_timeout_s={heartbeat}",
              "--initialization_timeout_s=60"]
-    procs.append((subprocess.Popen(_cmd(workdir, overrides, flags), cwd=util.ROOT,
+    procs.append((subprocess.Popen(_cmd(workdir, overrides, flags, config), cwd=util.ROOT,
                                    env=_env(devices), stdout=log, stderr=subprocess.STDOUT),
                   log))
   return procs
@@ -283,11 +283,22 @@ MP = {**SMALL, "teacher.num_steps": 6, "guided.num_steps": 2, "progressive.num_s
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_two_processes_match_one_process_on_four_devices(tmp_path):
+  """2 processes x 2 devices against 1 process x 4 devices, parameter by parameter.
+
+  Both runs use the same cross-device collectives (gloo; the one-process run joins
+  jax.distributed with --num_processes=1). XLA's in-process all-reduce, the default for one
+  process, sums the devices' gradients in another order than gloo; Adam then turns that
+  round-off into parameter differences of up to ~3e-4 of a small leaf's norm within a few steps
+  (measured: whole-vector 4e-7 to 1.1e-6). With the same collectives, any difference left comes
+  from gdistill: each process's rows of the batch, random numbers, sharding or checkpoints.
+  """
   over = {**MP, "data.data_dir": str(tmp_path / "tfds")}
   one = str(tmp_path / "one")
-  rc, out, _ = util.run_cli(one, over, extra_env={
-      "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
-  assert rc == 0, out[-3000:]
+  os.makedirs(tmp_path / "log1")
+  procs = _start_group(one, over, n=1, devices=4, logdir=str(tmp_path / "log1"))
+  rcs, outs = _wait_group(procs, str(tmp_path / "log1"))
+  assert rcs == [0], outs[0][-3000:]
+  assert "process 0 of 1; 4 devices (4 local, cpu)" in outs[0]
   two = str(tmp_path / "two")
   procs = _start_group(two, over, n=2, devices=2, logdir=str(tmp_path))
   rcs, outs = _wait_group(procs, str(tmp_path))
@@ -296,25 +307,22 @@ def test_two_processes_match_one_process_on_four_devices(tmp_path):
   assert "process 0 of 2; 4 devices (2 local, cpu)" in outs[0]
   assert "[teacher]" not in outs[1]  # only process 0 prints
   for name in ("teacher", "guided", "progressive_1"):
-    # Same data, same random numbers: the losses (float32 means) agree to round-off.
     la, lb = ([json.loads(l)["loss"] for l in open(os.path.join(w, name, "metrics.jsonl"))]
               for w in (one, two))
-    np.testing.assert_allclose(lb, la, rtol=1e-5)
+    np.testing.assert_allclose(lb, la, rtol=1e-6)
     a, _ = util.load_export(os.path.join(one, name, "export"))
     b, _ = util.load_export(os.path.join(two, name, "export"))
-    worst = sorted(((float(np.linalg.norm(np.float64(x) - y) / max(np.linalg.norm(x), 1e-30)),
-                     jax.tree_util.keystr(k)) for (k, x), y in
-                    zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b))))[-3:]
-    print(f"{name}: worst leaves (relative norm of the difference): {worst}")
-    a, b = (np.concatenate([np.ravel(x).astype(np.float64) for x in jax.tree.leaves(t)])
-            for t in (a, b))
-    rel = np.linalg.norm(a - b) / np.linalg.norm(a)
-    print(f"{name}: |a - b| / |a| = {rel:.2e}, max |a - b| = {np.max(np.abs(a - b)):.2e}")
-    # Relative to the whole parameter vector. Element by element the zero-initialised output
-    # convs of the residual blocks differ more (up to ~3e-3 of their tiny max): gloo sums the
-    # gradients in another order than the in-process all-reduce, and Adam's first updates are
-    # about lr * sign(g), so round-off in near-zero gradients becomes a full-size step.
-    assert rel <= 1e-6, (name, rel)
+    worst, equal, total = 0.0, 0, 0
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+      x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+      equal, total = equal + int(np.sum(x == y)), total + x.size
+      # Element by element, relative to the element (zeros must match exactly).
+      rel = np.abs(x - y) / np.maximum(np.abs(x), np.finfo(np.float32).tiny)
+      worst = max(worst, float(rel.max()))
+      np.testing.assert_allclose(y, x, rtol=1e-6, atol=0,
+                                 err_msg=f"{name} {jax.tree_util.keystr(path)}")
+    print(f"{name}: {equal} of {total} parameters bit-identical; worst element relative "
+          f"difference {worst:.2e}")
 
 
 @pytest.mark.multiprocess
@@ -361,19 +369,28 @@ def test_a_dead_process_stops_the_other_and_both_resume(tmp_path):
   assert train.is_finished(wd, "teacher")
 
 
+# toy2d's MLP compiles in seconds (in the default run); the digits U-Net is the slow variant.
+SIGTERM_CASES = {
+    "toy2d": ("configs/toy2d.py:test", {"teacher.num_steps": 60}),
+    "digits": ("configs/digits.py:quick", {**SMALL, "teacher.num_steps": 40}),
+}
+
+
 @pytest.mark.reliability
 @pytest.mark.multiprocess
-@pytest.mark.slow
-def test_sigterm_to_one_process_stops_both_at_the_same_step_and_both_resume(tmp_path):
+@pytest.mark.parametrize("case", [
+    "toy2d", pytest.param("digits", marks=pytest.mark.slow)])
+def test_sigterm_to_one_process_stops_both_at_the_same_step_and_both_resume(tmp_path, case):
   """Preemption with several processes: SIGTERM reaches process 1 only (JAX's notifier there
   tells the coordination service); both processes agree on one step through the preemption
   sync point, checkpoint it collectively and exit 0; rerunning both resumes at that step."""
-  total = 40
-  over = {**SMALL, "stage": "teacher", "teacher.num_steps": total,
-          "checkpoint.every_steps": 1000, "log.every_steps": 1,
+  config, size = SIGTERM_CASES[case]
+  total = size["teacher.num_steps"]
+  over = {**size, "stage": "teacher", "checkpoint.every_steps": 100000, "log.every_steps": 1,
           "data.data_dir": str(tmp_path / "tfds")}
   wd = str(tmp_path / "wd")
-  procs = _start_group(wd, over, n=2, devices=2, logdir=str(tmp_path))
+  group = dict(n=2, devices=2, logdir=str(tmp_path), config=config)
+  procs = _start_group(wd, over, **group)
   log0 = os.path.join(str(tmp_path), "proc0.log")
   sent = False
   deadline = time.time() + 900
@@ -383,7 +400,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_both_resume(tmp_
       sent = True
     elif any(p.poll() is not None for p, _ in procs):
       break
-    time.sleep(0.1)
+    time.sleep(0.05)
   assert sent, _read(log0)[-3000:]
   rcs, outs = _wait_group(procs, str(tmp_path), timeout=600)
   assert rcs == [0, 0], outs[0][-3000:] + outs[1][-3000:]
@@ -395,9 +412,9 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_both_resume(tmp_
   assert stops[1] == stops[0] and 4 <= step < total
   ckpts = sorted(int(d) for d in os.listdir(os.path.join(wd, "teacher", "checkpoints"))
                  if d.isdigit())
-  assert ckpts == [step], ckpts  # every_steps=1000: only the preemption save
+  assert ckpts == [step], ckpts  # every_steps=100000: only the preemption save
   assert not train.is_finished(wd, "teacher")
-  procs = _start_group(wd, over, n=2, devices=2, logdir=str(tmp_path))
+  procs = _start_group(wd, over, **group)
   rcs, outs = _wait_group(procs, str(tmp_path))
   assert rcs == [0, 0], outs[0][-3000:] + outs[1][-3000:]
   assert f"[teacher] resuming at step {step}" in outs[0]
