@@ -1,7 +1,8 @@
 """Reliability: validation before compile, non-finite guard, kill during an async checkpoint
 write, no pickle. (Kill/SIGTERM resume of the pipeline: test_distill.py; corrupt checkpoints and
-strict restores: test_checkpoint.py; preemption of evaluate/sample: test_evaluate.py. All of
-them carry the `reliability` marker: `pytest -m reliability` runs the suite.)"""
+strict restores: test_checkpoint.py; preemption of evaluate/sample: test_evaluate.py; SIGTERM to
+one of two processes and the peer watchdog: test_scaleout.py. All of them carry the
+`reliability` marker: `pytest -m "reliability and not slow"` runs the suite of the default run.)"""
 import json
 import os
 import re
