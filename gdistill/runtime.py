@@ -5,13 +5,12 @@ import importlib.abc
 import os
 import sys
 
-import jax
-
 
 def enable_compilation_cache(directory: str, min_compile_secs: float = 1.0) -> None:
   """Caches compiled XLA executables on disk so reruns and resumed runs skip compilation."""
   if not directory:
     return
+  import jax  # here: configure_tensorflow needs no JAX
   path = os.path.abspath(os.path.expanduser(directory))
   os.makedirs(path, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", path)

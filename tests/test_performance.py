@@ -27,14 +27,22 @@ def _tiny(**overrides):
   return util.quick_config(**base)
 
 
+_PROGRAMS = {}
+
+
 def _step_program(c, kind, mesh, abstract=False):
   """(setup, state, batch, loss_fn, jitted train step) with random parameters; abstract:
-  the state and teacher parameters as ShapeDtypeStructs (trace and lower, never run)."""
+  the state and teacher parameters as ShapeDtypeStructs (trace and lower, never run). The
+  jitted step is shared by the tests asking for the same program (one compile)."""
   stage = benchmark._stage(c, kind)
-  s = benchmark.setup(c, stage, mesh, abstract_teacher=abstract)
+  key = (kind, abstract, mesh, json.dumps([c.model.to_dict(), c.diffusion.to_dict(),
+                                           c[stage.section].to_dict()], sort_keys=True))
+  if key not in _PROGRAMS:
+    s = benchmark.setup(c, stage, mesh, abstract_teacher=abstract)
+    loss_fn = losses.make_loss(kind, student=s.student, teacher=s.teacher, dcfg=c.diffusion)
+    _PROGRAMS[key] = s, loss_fn, train.make_train_step(loss_fn, s, c[stage.section], mesh)
+  s, loss_fn, step = _PROGRAMS[key]
   state = s.abstract_state if abstract else benchmark.random_state(s)
-  loss_fn = losses.make_loss(kind, student=s.student, teacher=s.teacher, dcfg=c.diffusion)
-  step = train.make_train_step(loss_fn, s, c[stage.section], mesh)
   batch = benchmark.synthetic_batch(c, int(c[stage.section].batch_size), mesh,
                                     stage.student_steps or 0)
   return s, state, batch, loss_fn, step
@@ -311,18 +319,20 @@ def test_loader_paths_train_alike_and_the_benchmark_measures_them(mesh, tfds_dir
   """Both loader paths give the same losses and parameters over 3 train steps; the 'loader'
   benchmark (one compile of the teacher step, shared) reports every figure."""
   c = _tiny(**{"data.data_dir": tfds_dir, "data.random_flip": True})
-  case = benchmark.prepare_step(c, "teacher", mesh)
-  s = benchmark.setup(c, benchmark._stage(c, "teacher"), mesh)
+  s, state, batch, _, step = _step_program(c, "teacher", mesh)
   runs = {}
   for host_normalize, batches in _feeds(c, mesh, steps=3).items():
     state, losses_ = benchmark.random_state(s), []
-    for batch in batches:
-      state, m = case.compiled(state, None, {**batch, **train.step_scalars(mesh, 0, 0)})
+    for b in batches:
+      state, m = step(state, None, {**b, **train.step_scalars(mesh, 0, 0)})
       losses_.append(float(m["loss"]))
     runs[host_normalize] = losses_, state["params"]
   assert runs[True][0] == runs[False][0], runs
   for a, b in zip(jax.tree.leaves(runs[True][1]), jax.tree.leaves(runs[False][1])):
     np.testing.assert_array_equal(a, b)
+  # The same jitted step as the benchmark's case (no second compile, no FLOP analysis).
+  case = benchmark.StepCase("teacher", int(c.teacher.batch_size), step, state, None, batch,
+                            {}, 0.0, 0.0, {})
 
   lo = benchmark.bench_loader(c, case, mesh, steps=2, warmup=1, rounds=1, log=lambda s: None)
   assert set(lo["seconds_per_step"]) == set(benchmark.LOADER_MODES)
@@ -346,32 +356,33 @@ def test_loader_benchmark_skips_an_unprepared_dataset(mesh, tmp_path):
   assert "skipped" in benchmark.loader_markdown(out)
 
 
-def test_tensorflow_kept_off_accelerators_and_xla_cores(tmp_path):
-  """configure_tensorflow before TensorFlow's import (as main/train.prepare call it): the import
-  hook hides GPU/TPU and sets the pools before clu's writer runs the first op; a later call with
-  other settings warns and leaves TensorFlow as it is (it cannot change a started context)."""
+def test_tensorflow_kept_off_accelerators_and_xla_cores():
+  """configure_tensorflow before TensorFlow's import (as train.prepare calls it): the import
+  hook hides GPU/TPU and sets the pools before the first op (a summary write, as clu's writer
+  does); a later call with other settings warns and leaves TensorFlow as it is (a started
+  context cannot change). A fresh process without JAX: TensorFlow's import is the cost."""
   code = textwrap.dedent("""
-      import json, os, sys
+      import json, os, sys, tempfile
       import ml_collections
-      from gdistill import dashboard, runtime
+      from gdistill import runtime
       cfg = ml_collections.ConfigDict(dict(tf_intra_op_threads=1, tf_inter_op_threads=2,
                                            tf_hide_accelerators=True))
       runtime.configure_tensorflow(cfg)
       imported_early = "tensorflow" in sys.modules
-      d = dashboard.Dashboard(sys.argv[1], "t", 2, 4)    # imports TensorFlow (clu), first op
-      d.scalars(1, {"loss": 1.0}, console=False)
-      d.close()
+      import tensorflow as tf
+      with tf.summary.create_file_writer(tempfile.mkdtemp()).as_default():
+        tf.summary.scalar("loss", 1.0, step=1)           # the first op starts the context
       first = runtime.tensorflow_report()
       runtime.configure_tensorflow(cfg)                  # unchanged: nothing to do, no warning
       again = runtime.tensorflow_report()
       env = [os.environ.get("TF_NUM_INTRAOP_THREADS"), os.environ.get("TF_NUM_INTEROP_THREADS")]
       runtime.configure_tensorflow(intra_op_threads=3)   # too late: one warning, no exception
       print(json.dumps({"early": imported_early, "first": first, "again": again,
-                        "late": runtime.tensorflow_report(), "env": env}))
+                        "late": runtime.tensorflow_report(), "env": env,
+                        "jax": "jax" in sys.modules}))
       """)
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  p = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=util.ROOT, env=env,
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+  p = subprocess.run([sys.executable, "-c", code], cwd=util.ROOT, env=env,
                      capture_output=True, text=True, timeout=120)
   assert p.returncode == 0, p.stderr[-2000:]
   r = json.loads(p.stdout.strip().splitlines()[-1])
