@@ -70,6 +70,7 @@ def main(argv):
   watchdog = distributed.PeerWatchdog(FLAGS.heartbeat_timeout_s, workdir=FLAGS.workdir).start()
   clean = False
   try:
+    runtime.configure_tensorflow(FLAGS.config.data)  # before TensorFlow's first op
     if FLAGS.mode == "compile":
       from gdistill import compile_check
       compile_check.run(FLAGS.config, FLAGS.workdir)

@@ -99,7 +99,9 @@ class _PoisonedLoader:
     def gen():
       for step, local in it:
         if step in self.bad:
-          local = dict(local, x=np.full_like(local["x"], np.nan))
+          # float32 NaN images (the loader ships uint8 under data.normalize_on_device; a float
+          # batch passes through the device finisher unchanged).
+          local = dict(local, x=np.full(local["x"].shape, np.nan, np.float32))
         yield step, local
     return gen()
 
