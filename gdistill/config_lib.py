@@ -75,8 +75,9 @@ def base_config():
   c.mesh = dict(data=-1, fsdp=1)   # -1: all remaining devices
   c.logical_axis_rules = default_logical_axis_rules()
   c.checkpoint = dict(every_steps=200, keep=3, async_save=True)
+  # tensorboard=False: console, metrics.jsonl and PNG grids only (no TensorFlow import).
   c.log = dict(every_steps=50, sample_every_steps=0, sample_w=(0.0, 1.0, 4.0),
-               samples_per_class=1, sample_steps=0)
+               samples_per_class=1, sample_steps=0, tensorboard=True)
   # --mode=sample: stage 'latest' | 'teacher' | 'guided' | 'progressive_N'; steps 0 = the
   # stage's own N (N0 for teacher and guided); labels None = i % num_classes; out: relative
   # paths are relative to the workdir.

@@ -61,18 +61,20 @@ class Dashboard:
   """Writes scalars to TensorBoard + metrics.jsonl and prints progress lines with ETA."""
 
   def __init__(self, logdir: str, stage: str, total_steps: int, batch_size: int,
-               start_step: int = 0, throughput_fn=None):
-    """throughput_fn(images_per_sec) -> extra scalars (model TFLOP/s per device, MFU)."""
+               start_step: int = 0, throughput_fn=None, tensorboard: bool = True):
+    """throughput_fn(images_per_sec) -> extra scalars (model TFLOP/s per device, MFU).
+    tensorboard=False: console and metrics.jsonl only (TensorFlow is not imported)."""
     self.stage, self.total, self.batch = stage, total_steps, batch_size
     self._throughput_fn = throughput_fn
     self.primary = jax.process_index() == 0
     self._writer = None
     self._jsonl: Optional[str] = None
     if self.primary:
-      from clu import metric_writers  # imports TensorFlow: only where we write
       os.makedirs(logdir, exist_ok=True)
-      self._writer = metric_writers.create_default_writer(
-          os.path.join(logdir, "tensorboard"), asynchronous=True, just_logging=False)
+      if tensorboard:
+        from clu import metric_writers  # imports TensorFlow: only where we write
+        self._writer = metric_writers.create_default_writer(
+            os.path.join(logdir, "tensorboard"), asynchronous=True, just_logging=False)
       self._jsonl = os.path.join(logdir, "metrics.jsonl")
     self._t0, self._s0 = time.time(), start_step
 
@@ -86,7 +88,8 @@ class Dashboard:
       row.update(self._throughput_fn(rate * self.batch))
     if not self.primary:
       return
-    self._writer.write_scalars(step, row)
+    if self._writer is not None:
+      self._writer.write_scalars(step, row)
     with open(self._jsonl, "a") as f:
       f.write(json.dumps({"step": step, **row}) + "\n")
     if console:
@@ -98,7 +101,7 @@ class Dashboard:
             f"{rate * self.batch:.0f} img/s{mfu} | ETA {eta / 60:.1f} min", flush=True)
 
   def images(self, step: int, images: dict) -> None:
-    if self.primary and images:
+    if self._writer is not None and images:
       self._writer.write_images(step, images)
 
   def reset_clock(self, step: int) -> None:

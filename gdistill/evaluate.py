@@ -177,7 +177,7 @@ def evaluate_workdir(config, workdir: str) -> dict:
          "compile_seconds": compile_s, "setup_seconds": round(setup_s, 3),
          "total_seconds": round(time.perf_counter() - t_start, 3)}
   if primary:
-    write_results(out, rows, eval_dir)
+    write_results(out, rows, eval_dir, tensorboard=bool(config.log.tensorboard))
     print(f"[evaluate] {len(rows)} rows x {len(ws)} w in {out['total_seconds']:.1f} s -> "
           f"{eval_dir}/results.md\n" + markdown_table(out, rows), flush=True)
   return out
@@ -243,7 +243,7 @@ def markdown_table(out: dict, rows: list[Row]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def write_results(out: dict, rows: list[Row], eval_dir: str) -> None:
+def write_results(out: dict, rows: list[Row], eval_dir: str, tensorboard: bool = True) -> None:
   """results.json / .csv / .md, the two plots and the TensorBoard scalars and table."""
   with open(os.path.join(eval_dir, "results.json"), "w") as f:
     json.dump(out, f, indent=2)
@@ -261,7 +261,8 @@ def write_results(out: dict, rows: list[Row], eval_dir: str) -> None:
             "teacher, N for students. s: sampling wall-clock seconds, compilation excluded.\n\n"
             + md)
   _plots(out, rows, eval_dir)
-  _tensorboard(out, rows, md, os.path.join(eval_dir, "tensorboard"))
+  if tensorboard:
+    _tensorboard(out, rows, md, os.path.join(eval_dir, "tensorboard"))
 
 
 def _plots(out: dict, rows: list[Row], eval_dir: str) -> None:

@@ -296,7 +296,8 @@ def run_stage(config, workdir: str, stage: Stage, mesh, programs: Optional[dict]
                      grid_sampler(config, stage, s))
   step_fn, sampler_fn = programs[key]
   dash = dashboard.Dashboard(sdir, stage.name, total, int(section.batch_size), start,
-                             throughput_fn=throughput_fn(config, stage, mesh))
+                             throughput_fn=throughput_fn(config, stage, mesh),
+                             tensorboard=bool(config.log.tensorboard))
   if jax.process_index() == 0:
     what = "resuming at step %d" % start if start else "starting"
     print(f"[{stage.name}] {what}; {total} steps, batch {section.batch_size}, "
