@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from typing import Optional, Sequence, Union
 
 import flax.linen as nn
@@ -22,7 +23,7 @@ import ml_collections
 import numpy as np
 
 from gdistill import checkpoint as ckpt_lib
-from gdistill import sampling, sharding
+from gdistill import paths, sampling, sharding
 from gdistill.denoiser import Denoiser, build_denoiser
 from gdistill.train import example_shape, export_dir, is_finished
 
@@ -37,11 +38,10 @@ class StageNotFoundError(FileNotFoundError):
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a workdir was trained with (<workdir>/config.json)."""
   path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
+  if not paths.exists(path):
     raise FileNotFoundError(f"{path} is missing: {workdir!r} is not a gdistill workdir "
                             "(train writes config.json before its first stage)")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(paths.read_json(path))
 
 
 def _plan_order(name: str) -> tuple[int, int]:
@@ -53,9 +53,7 @@ def _plan_order(name: str) -> tuple[int, int]:
 
 def finished_stages(workdir: str) -> list[str]:
   """Names of the stages with a complete export, in plan order (teacher, guided, N desc)."""
-  if not os.path.isdir(workdir):
-    return []
-  names = [n for n in os.listdir(workdir) if STAGE_RE.match(n) and is_finished(workdir, n)]
+  names = [n for n in paths.listdir(workdir) if STAGE_RE.match(n) and is_finished(workdir, n)]
   return sorted(names, key=_plan_order)
 
 
@@ -114,6 +112,14 @@ def _as_key(rng) -> jax.Array:
   return jax.random.wrap_key_data(rng)  # a legacy uint32 [2] key
 
 
+def _to_host(x: jax.Array) -> np.ndarray:
+  """The whole (possibly multi-process) array as numpy on every process."""
+  if x.is_fully_addressable:
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 class Model:
   """One exported stage, ready to sample. Build it with `gdistill.load`."""
 
@@ -150,11 +156,27 @@ class Model:
     return (2 if self.is_teacher else 1) * steps
 
   def spec(self, sampler: str = "ddim") -> sampling.SamplerSpec:
-    if self.is_teacher and sampler != "ddim":
-      raise ValueError(f"stage {self.stage!r} is the guided teacher: it samples with guided "
-                       f"DDIM only (sampler='ddim'), not {sampler!r}")
+    """Any sampler; for the teacher it runs on the guided x_hat^w (2 NFE per step)."""
     return sampling.SamplerSpec(sampler, guided=self.is_teacher, clip=self._clip,
                                 logsnr_min=self._logsnr[0], logsnr_max=self._logsnr[1])
+
+  @property
+  def w_range(self) -> Optional[tuple[float, float]]:
+    """[w_min, w_max] a student was trained on (None for the teacher: any w)."""
+    r = self.metadata.get("w_range")
+    return None if r is None else (float(r[0]), float(r[1]))
+
+  def w_outside_training(self, w) -> str:
+    """'' if every w lies in the range the student was trained on, else a one-line warning."""
+    if self.w_range is None:
+      return ""
+    w = np.asarray(w, np.float64).reshape(-1)
+    lo, hi = self.w_range
+    bad = w[(w < lo) | (w > hi)]
+    if not bad.size:
+      return ""
+    return (f"w={bad[0]:g} lies outside the range stage {self.stage!r} was trained on "
+            f"(w in [{lo:g}, {hi:g}]); its samples there are an extrapolation")
 
   def default_batch_size(self, n: int) -> int:
     return self.round_batch(min(n, int(self.config.eval.batch_size)))
@@ -172,16 +194,24 @@ class Model:
     w: guidance strength (scalar or one per label); x_w = (1 + w) x_cond - w x_uncond.
     steps: N (None: the stage's default). sampler: 'ddim' or 'stochastic' (students only).
     rng: an int seed or a jax key (None: seed 0); batch b uses fold_in(rng, b), so the same
-    rng, labels and batch_size give the same samples. The last batch is padded.
+    rng, labels and batch_size give the same samples. The last batch is padded. A w outside
+    the range a student was trained on gives a UserWarning.
     """
     labels = np.asarray(labels, np.int32).reshape(-1)
     out = list(self.sample_batches(labels, w, steps, sampler, rng, batch_size))
     return np.concatenate(out) if out else np.zeros((0,) + self.example_shape, np.float32)
 
   def sample_batches(self, labels, w=0.0, steps: Optional[int] = None, sampler: str = "ddim",
-                     rng=None, batch_size: Optional[int] = None, start_batch: int = 0):
+                     rng=None, batch_size: Optional[int] = None, start_batch: int = 0,
+                     warn_w: bool = True):
     """Yields sample()'s output batch by batch from batch `start_batch` (a resumable loop:
-    batch b depends only on (rng, b, labels, w, steps), never on the batches before it)."""
+    batch b depends only on (rng, b, labels, w, steps), never on the batches before it).
+
+    With several processes every batch is split over all processes' devices and each process
+    receives the whole batch (gathered), so every process gets the same samples.
+    """
+    if warn_w and self.w_outside_training(w):
+      warnings.warn(self.w_outside_training(w), stacklevel=3)
     labels = np.asarray(labels, np.int32).reshape(-1)
     n = labels.shape[0]
     if n == 0:
@@ -207,7 +237,7 @@ class Model:
       ww[:keep] = w[lo:lo + keep]
       x = fn(self.params, jax.random.fold_in(key, b), jax.device_put(lab, batch_sh),
              jax.device_put(ww, batch_sh), np.int32(steps))
-      yield np.asarray(jax.device_get(x), np.float32)[:keep]
+      yield np.asarray(_to_host(x), np.float32)[:keep]
 
   def compile(self, sampler: str = "ddim", batch_size: int = 1) -> None:
     """Compiles (by running one step) the sampler for this batch size, so timings skip it."""
@@ -225,7 +255,9 @@ class Model:
 def load(workdir: str, stage: str = "latest") -> Model:
   """The finished stage `stage` of workdir: 'teacher', 'guided', 'progressive_N' or 'latest'
   (the last finished stage in plan order: the smallest-N progressive student, else guided,
-  else teacher). Raises StageNotFoundError listing the finished exports."""
+  else teacher). A relative workdir is taken from the current directory. Raises
+  StageNotFoundError listing the finished exports."""
+  workdir = paths.resolve(workdir)
   name = resolve_stage(workdir, stage)
   path = export_dir(workdir, name)
   metadata = ckpt_lib.load_export_metadata(path)

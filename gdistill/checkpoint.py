@@ -28,6 +28,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from gdistill import paths
+
 log = logging.getLogger(__name__)
 
 _STATE = "state"
@@ -143,6 +145,18 @@ class StageCheckpointer:
     steps = self.all_steps()
     return steps[-1] if steps else None
 
+  def latest_extra(self) -> tuple[int, dict] | None:
+    """(step, extra JSON) of the latest committed checkpoint, without reading its arrays; None
+    if there is none or its JSON is unreadable (restore_latest_usable then reports it)."""
+    step = self.latest_step()
+    if step is None:
+      return None
+    try:
+      return step, dict(self._manager.restore(step, args=ocp.args.Composite(**{
+          _EXTRA: ocp.args.JsonRestore()}))[_EXTRA])
+    except Exception:  # pylint: disable=broad-except
+      return None
+
   def save(self, step: int, state, extra: dict, *, force: bool = False) -> bool:
     """Starts saving `state` and `extra` at `step`; True if a save was started.
 
@@ -227,12 +241,6 @@ def _sync(name: str):
   ocp.multihost.sync_global_processes(f"gdistill_checkpoint:{name}")
 
 
-def _write_json_atomic(path: epath.Path, obj: dict):
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-  tmp.replace(path)
-
-
 def save_export(path: str, params, metadata: dict) -> None:
   """Writes a finished stage: `path/params` (orbax, synchronous), then `path/metadata.json`.
 
@@ -252,8 +260,8 @@ def save_export(path: str, params, metadata: dict) -> None:
   with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
     ckptr.save(tmp / _PARAMS_DIR, args=ocp.args.StandardSave(params))
   if primary:
-    _write_json_atomic(tmp / _METADATA_FILE,
-                       {**metadata, "param_summary": tree_summary(params)})
+    paths.write_json_atomic(str(tmp / _METADATA_FILE),
+                            {**metadata, "param_summary": tree_summary(params)}, sort_keys=True)
     if final.exists():
       final.rename(old)
     tmp.rename(final)
@@ -262,14 +270,25 @@ def save_export(path: str, params, metadata: dict) -> None:
   _sync(f"export_done:{final}")
 
 
+class DamagedExportError(ValueError):
+  """An export whose metadata.json exists but cannot be read."""
+
+
 def load_export_metadata(path: str) -> dict:
-  """The metadata.json of a complete export (FileNotFoundError if absent or incomplete)."""
+  """The metadata.json of a complete export (FileNotFoundError if absent or incomplete,
+  DamagedExportError if unreadable)."""
   file = epath.Path(path) / _METADATA_FILE
   if not file.exists():
     raise FileNotFoundError(
         f"No complete export at {path}: {file} is missing (the export was never written, "
         "or its save was interrupted)")
-  return json.loads(file.read_text())
+  try:
+    return json.loads(file.read_text())
+  except (ValueError, UnicodeDecodeError) as e:
+    raise DamagedExportError(
+        f"{file} is damaged ({type(e).__name__}: {e}); the export cannot be used. Delete "
+        f"{path} and rerun its stage (checkpoints under its stage folder are reused), or "
+        "restore the folder from a backup.") from None
 
 
 def load_export(path: str, abstract_params) -> tuple[Any, dict]:

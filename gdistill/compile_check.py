@@ -10,15 +10,13 @@ XLA_FLAGS=--xla_force_host_platform_device_count=8 (see docs/SCALING.md).
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 
-from gdistill import config_lib, losses, sharding, train
+from gdistill import config_lib, losses, paths, sharding, train
 from gdistill.plan import Stage, make_plan
 
 MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
@@ -129,12 +127,14 @@ def run(config, workdir: str, devices=None) -> list[dict]:
 
   Prints from process 0 and writes <workdir>/compile_report.json there.
   """
+  workdir = paths.resolve(workdir)
+  config_lib.resolve_paths(config)
   devices = list(devices if devices is not None else jax.devices())
   config_lib.validate(config, num_devices=len(devices), num_processes=jax.process_count())
   mesh = sharding.make_mesh(config.mesh, devices)
   primary = jax.process_index() == 0
   if primary:
-    print(f"compile check: {len(devices)} {devices[0].platform} devices, mesh "
+    print(f"[compile] {len(devices)} {devices[0].platform} devices, mesh "
           f"{dict(mesh.shape)}; nothing is materialized", flush=True)
   reports = []
   with jax.set_mesh(mesh):
@@ -144,7 +144,5 @@ def run(config, workdir: str, devices=None) -> list[dict]:
       if primary:
         print(format_report(r), flush=True)
   if primary:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "compile_report.json"), "w") as f:
-      json.dump(reports, f, indent=2)
+    paths.write_json_atomic(paths.join(workdir, "compile_report.json"), reports)
   return reports

@@ -51,6 +51,10 @@ def base_config():
   c.stage = "pipeline"
   c.seed = 0
   c.init_from = ""  # an export dir to start stage guided/progressive from
+  # Hyperparameters a resumed stage may take although its checkpoint was written with other
+  # values: comma-separated keys ('teacher.lr', or 'lr' for every section), 'all', or '' (none:
+  # a changed lr, batch size, schedule... is refused on resume, naming old and new value).
+  c.allow_changes = ""
   # normalize_on_device: the loader ships uint8 images and the device computes x / 127.5 - 1
   # (and the random flip), bit for bit the host formula; False: the loader thread does it.
   # tf_*: TensorFlow (TensorBoard writer, tensorflow_datasets) kept off the accelerators and to
@@ -79,17 +83,39 @@ def base_config():
   c.log = dict(every_steps=50, sample_every_steps=0, sample_w=(0.0, 1.0, 4.0),
                samples_per_class=1, sample_steps=0, tensorboard=True)
   # --mode=sample: stage 'latest' | 'teacher' | 'guided' | 'progressive_N'; steps 0 = the
-  # stage's own N (N0 for teacher and guided); labels None = i % num_classes; out: relative
-  # paths are relative to the workdir.
+  # stage's own N (N0 for teacher and guided); labels None = i % num_classes; out: '' writes
+  # <workdir>/samples.npz; a path a user gives is taken as given (relative: to the current
+  # directory).
   c.sample = dict(stage="latest", w=1.0, steps=0, sampler="ddim", num_samples=100,
                   labels=ml_collections.FieldReference(None, field_type=tuple), seed=0,
-                  out="samples.npz", batch_size=500)
+                  out="", batch_size=500)
   # --mode=evaluate (gdistill/evaluate.py). num_samples per row and w: 200 keeps the digits
   # sweep within ~5 min on 2 CPU cores (cifar10/imagenet64 set 50k). inception_weights: the
   # converted FID Inception (.npz or .safetensors), needed for cifar10/imagenet64.
+  # teacher_samplers: the guided teacher's rows (2 NFE per step) for each of these samplers.
   c.eval = dict(w=(0.0, 1.0, 2.0, 4.0), steps=(1, 2, 4, 8, 16), samplers=("ddim", "stochastic"),
-                num_samples=200, batch_size=500, classifier_steps=600, seed=0,
-                inception_weights="", enabled=True)  # enabled: evaluate at a pipeline's end
+                teacher_samplers=("ddim",), num_samples=200, batch_size=500,
+                classifier_steps=600, seed=0, inception_weights="",
+                enabled=True)  # enabled: evaluate at a pipeline's end
+  return c
+
+
+# Every config key that holds a path (resolve_paths makes them absolute at the entry points).
+PATH_KEYS = ("init_from", "data.data_dir", "sample.out", "eval.inception_weights")
+
+
+def resolve_paths(c):
+  """The config with every PATH_KEYS value resolved (gdistill/paths.py: relative -> absolute
+  against the current directory, '~' expanded, remote and empty paths unchanged). In place;
+  returns c. Idempotent, so every entry point may call it."""
+  from gdistill import paths
+  for key in PATH_KEYS:
+    node, parts = c, key.split(".")
+    for part in parts[:-1]:
+      node = node[part]
+    value = node[parts[-1]]
+    if isinstance(value, str):
+      node[parts[-1]] = paths.resolve(value)
   return c
 
 
@@ -121,6 +147,18 @@ def _is_pow2(n) -> bool:
 def _need(ok: bool, key: str, value, valid: str):
   if not ok:
     raise ConfigError(f"config.{key}={value!r} is invalid: {valid}")
+
+
+def _names_a_key(c, name: str) -> bool:
+  """A dotted key of c ('teacher.lr'), or a key of one of its sections ('lr')."""
+  node = c
+  for part in name.split("."):
+    if not hasattr(node, "keys") or part not in node.keys():
+      break
+    node = node[part]
+  else:
+    return True
+  return "." not in name and any(hasattr(c[k], "keys") and name in c[k].keys() for k in c.keys())
 
 
 def validate(c, *, num_devices: int, num_processes: int = 1, dataset_info=None):
@@ -208,9 +246,10 @@ def validate(c, *, num_devices: int, num_processes: int = 1, dataset_info=None):
   from gdistill import sampling
   _need(c.sample.sampler in sampling.SAMPLERS, "sample.sampler", c.sample.sampler,
         f"one of {sampling.SAMPLERS}")
-  for s in c.eval.samplers:
-    _need(s in sampling.SAMPLERS, "eval.samplers", tuple(c.eval.samplers),
-          f"each one of {sampling.SAMPLERS}")
+  for key in ("samplers", "teacher_samplers"):
+    for s in c.eval[key]:
+      _need(s in sampling.SAMPLERS, f"eval.{key}", tuple(c.eval[key]),
+            f"each one of {sampling.SAMPLERS}")
   _need(math.isfinite(c.sample.w) and c.sample.w >= 0, "sample.w", c.sample.w, "must be >= 0")
   from gdistill import api
   _need(c.sample.stage == "latest" or bool(api.STAGE_RE.match(c.sample.stage)), "sample.stage",
@@ -218,7 +257,12 @@ def validate(c, *, num_devices: int, num_processes: int = 1, dataset_info=None):
   _need(c.sample.steps >= 0, "sample.steps", c.sample.steps, "must be >= 0 (0: the stage's own)")
   for k in ("num_samples", "batch_size"):
     _need(c.sample[k] >= 1, f"sample.{k}", c.sample[k], "must be >= 1")
-  _need(c.sample.out.endswith(".npz"), "sample.out", c.sample.out, "must be an .npz path")
+  _need(c.sample.out == "" or c.sample.out.endswith(".npz"), "sample.out", c.sample.out,
+        "must be an .npz path ('' for <workdir>/samples.npz)")
+  for entry in (a.strip() for a in str(c.allow_changes).split(",") if a.strip()):
+    _need(entry == "all" or _names_a_key(c, entry), "allow_changes", c.allow_changes,
+          f"{entry!r} is not a config key: comma-separated keys such as 'teacher.lr' or 'lr' "
+          "(that key in every section), or 'all'")
   e = c.eval
   _need(len(e.samplers) >= 1, "eval.samplers", tuple(e.samplers), "must name a sampler")
   _need(len(e.w) >= 1 and all(math.isfinite(w) and w >= 0 for w in e.w), "eval.w", tuple(e.w),

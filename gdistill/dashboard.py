@@ -4,6 +4,7 @@ Only process 0 writes files and prints; other processes log nothing.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
@@ -11,6 +12,8 @@ from typing import Optional
 
 import jax
 import numpy as np
+
+from gdistill import paths
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
@@ -35,8 +38,9 @@ def save_png(path: str, image: np.ndarray, scale: int = 1) -> None:
   im = Image.fromarray(img)
   if scale > 1:
     im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  im.save(path)
+  buf = io.BytesIO()
+  im.save(buf, format="PNG")
+  paths.write_bytes_atomic(path, buf.getvalue())
 
 
 def scatter_png(path: str, points: np.ndarray, labels: np.ndarray, title: str = "") -> np.ndarray:
@@ -51,8 +55,7 @@ def scatter_png(path: str, points: np.ndarray, labels: np.ndarray, title: str = 
   ax.set_title(title, fontsize=8)
   fig.canvas.draw()
   img = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fig.savefig(path)
+  paths.save_figure(fig, path)
   plt.close(fig)
   return img
 
@@ -70,7 +73,7 @@ class Dashboard:
     self._writer = None
     self._jsonl: Optional[str] = None
     if self.primary:
-      os.makedirs(logdir, exist_ok=True)
+      paths.makedirs(logdir)
       if tensorboard:
         from clu import metric_writers  # imports TensorFlow: only where we write
         self._writer = metric_writers.create_default_writer(
@@ -90,8 +93,7 @@ class Dashboard:
       return
     if self._writer is not None:
       self._writer.write_scalars(step, row)
-    with open(self._jsonl, "a") as f:
-      f.write(json.dumps({"step": step, **row}) + "\n")
+    paths.append_text(self._jsonl, json.dumps({"step": step, **row}) + "\n")
     if console:
       eta = (self.total - step) / max(rate, 1e-9)
       perf = ("steps_per_sec", "images_per_sec", "tflops_per_device", "mfu")

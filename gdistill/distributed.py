@@ -139,6 +139,35 @@ def persistent_cache_safe(launch: Launch) -> bool:
   return jax.process_count() == 1 or jax.default_backend() != "cpu"
 
 
+def process_rows(n: int) -> slice:
+  """This process's contiguous share of n rows (process i of P: rows [i n / P, (i+1) n / P))."""
+  p, i = jax.process_count(), jax.process_index()
+  return slice(i * n // p, (i + 1) * n // p)
+
+
+def allgather_rows(local, n: int):
+  """The n rows of which each process holds its process_rows(n) share (numpy, leading axis),
+  concatenated in process order on every process. One process: returned as it is."""
+  import numpy as np
+  if jax.process_count() == 1:
+    return local
+  from jax.experimental import multihost_utils
+  p = jax.process_count()
+  m = -(-n // p)
+  local = np.asarray(local)
+  padded = np.zeros((m,) + local.shape[1:], local.dtype)
+  padded[:local.shape[0]] = local
+  stacked = np.asarray(multihost_utils.process_allgather(padded, tiled=False))
+  return np.concatenate([stacked[i, :(i + 1) * n // p - i * n // p] for i in range(p)])
+
+
+def sync(name: str) -> None:
+  """A barrier across processes (no-op with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"gdistill:{name}")
+
+
 def describe() -> str:
   """'process 0 of 2; 4 devices (2 local, cpu)' -- touches the backend."""
   return (f"process {jax.process_index()} of {jax.process_count()}; {jax.device_count()} "
@@ -169,6 +198,8 @@ class PeerWatchdog:
     self._workdir = workdir
     self._stop = None
     self._thread = None
+    self.polls = 0          # completed checks (tests wait on this, not on wall time)
+    self.last_seen: dict[int, str] = {}  # peer -> its last value ('exited' once it left)
 
   def start(self) -> "PeerWatchdog":
     import threading
@@ -197,12 +228,12 @@ class PeerWatchdog:
         pass
 
   def _fail(self, what: str) -> None:
-    import sys
+    from gdistill import console
     where = f" under {self._workdir}" if self._workdir else ""
-    print(f"error: process {self._me} of {self._n}: {what}. Stopping this process too. "
-          f"Committed checkpoints{where} are intact: once every process can run again, rerun "
-          "the same command on all of them to resume from the last committed step.",
-          file=sys.stderr, flush=True)
+    console.error(f"process {self._me} of {self._n}: {what}. Stopping this process too. "
+                  f"Committed checkpoints{where} are intact: once every process can run "
+                  "again, rerun the same command on all of them to resume from the last "
+                  "committed step.")
     os._exit(1)  # pylint: disable=protected-access  (other threads may sit in a collective)
 
   def _run(self) -> None:
@@ -229,6 +260,8 @@ class PeerWatchdog:
         last = seen.get(pid)
         if last is None or last[0] != value:
           seen[pid] = (value, now)
+      self.last_seen = {p: v for p, (v, _) in seen.items()}
+      self.polls += 1
       stopped = sorted(p for p, (v, t) in seen.items()
                        if v != "exited" and now - t > self._stale)
       if stopped:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import time
@@ -26,7 +27,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from gdistill import api, config_lib, dashboard, data, metrics, preemption
+from gdistill import api, config_lib, dashboard, data, distributed, metrics, paths, preemption
 from gdistill import checkpoint as ckpt_lib
 
 CLASSIFIER_DATASETS = ("digits", "toy2d")
@@ -46,8 +47,11 @@ class Row:
 
   @property
   def family(self) -> str:
-    """Rows along one FID-vs-NFE curve: 'teacher' or 'student_<sampler>'."""
-    return "teacher" if self.stage == "teacher" else f"student_{self.sampler}"
+    """Rows along one FID-vs-NFE curve: 'teacher' (guided DDIM), 'teacher_<sampler>' or
+    'student_<sampler>'."""
+    if self.stage == "teacher":
+      return "teacher" if self.sampler == "ddim" else f"teacher_{self.sampler}"
+    return f"student_{self.sampler}"
 
 
 def plan_rows(config, stages: list[str]) -> list[Row]:
@@ -55,9 +59,11 @@ def plan_rows(config, stages: list[str]) -> list[Row]:
   e, n0 = config.eval, int(config.progressive.start_steps)
   rows = []
   if "teacher" in stages:
-    rows.append(Row("teacher", "Teacher, guided DDIM (2 N0 NFE)", "ddim", n0))
-    rows += [Row("teacher", "Teacher, guided DDIM", "ddim", int(n))
-             for n in sorted(set(e.steps)) if int(n) != n0]
+    for s in e.teacher_samplers:
+      name = "DDIM" if s == "ddim" else s
+      rows.append(Row("teacher", f"Teacher, guided {name} (2 N0 NFE)", s, n0))
+      rows += [Row("teacher", f"Teacher, guided {name}", s, int(n))
+               for n in sorted(set(e.steps)) if int(n) != n0]
   if "guided" in stages:
     rows.append(Row("guided", "Stage-one student", "ddim", n0))
   for n in sorted(set(e.steps)):
@@ -68,7 +74,11 @@ def plan_rows(config, stages: list[str]) -> list[Row]:
 
 @dataclasses.dataclass
 class Scorer:
-  """features_fn(samples) -> (features, logits); (mu, sigma) of the training set."""
+  """features_fn(samples) -> (features, logits); (mu, sigma) of the training set.
+
+  With several processes each one computes the features of its share of the samples
+  (distributed.process_rows) and the shares are gathered: nothing is computed twice.
+  """
   feature: str  # 'classifier' | 'inception'
   features_fn: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
   mu: np.ndarray
@@ -77,7 +87,10 @@ class Scorer:
   def __call__(self, x: np.ndarray, labels: np.ndarray) -> dict:
     if x.ndim == 4:
       x = dashboard.to_uint8(x)  # score what a saved image holds, like the uint8 references
-    feats, logits = self.features_fn(x)
+    rows = distributed.process_rows(len(x))
+    feats, logits = self.features_fn(x[rows])
+    feats = distributed.allgather_rows(np.asarray(feats), len(x))
+    logits = distributed.allgather_rows(np.asarray(logits), len(x))
     fid = metrics.frechet_distance(*metrics.feature_stats(feats), self.mu, self.sigma)
     acc = (float(np.mean(np.argmax(logits, -1) == labels))
            if self.feature == "classifier" else None)
@@ -85,14 +98,16 @@ class Scorer:
 
 
 def make_scorer(config, eval_dir: str) -> Scorer:
-  """The feature extractor and reference stats (cached in eval_dir). For Inception datasets the
-  weights are loaded first, so a missing file fails before anything is sampled."""
-  ref_path = os.path.join(eval_dir, "reference_stats.npz")
+  """The feature extractor and reference stats (cached in eval_dir; with several processes
+  process 0 computes them and the others read its files). For Inception datasets the weights
+  are loaded first, so a missing file fails before anything is sampled."""
+  ref_path = paths.join(eval_dir, "reference_stats.npz")
   if config.data.name in CLASSIFIER_DATASETS:
     x, y = data.load_array(config.data, "train")
-    state = metrics.get_or_train_classifier(
-        os.path.join(eval_dir, "classifier.npz"), x, y, int(config.model.num_classes),
+    train_it = lambda: metrics.get_or_train_classifier(
+        paths.join(eval_dir, "classifier.npz"), x, y, int(config.model.num_classes),
         steps=int(config.eval.classifier_steps), seed=int(config.seed))
+    state = _process0_first("classifier", train_it)
     digest = hashlib.sha256()
     for leaf in jax.tree.leaves(state.params):
       digest.update(np.ascontiguousarray(leaf).tobytes())
@@ -105,16 +120,28 @@ def make_scorer(config, eval_dir: str) -> Scorer:
       raise FileNotFoundError(f"{e} Set --config.eval.inception_weights=PATH.") from None
     fn = lambda s: metrics.inception_features(params, s)
     x, key, feature = None, f"inception:{config.data.name}:train", "inception"
-  mu, sigma = metrics.reference_stats(
+  mu, sigma = _process0_first("reference_stats", lambda: metrics.reference_stats(
       ref_path, lambda: fn(x if x is not None else data.load_array(config.data, "train")[0])[0],
-      key=key)
+      key=key))
   return Scorer(feature, fn, mu, sigma)
 
 
+def _process0_first(name: str, compute_or_load: Callable):
+  """Runs compute_or_load on process 0 (which computes and caches), then on the others (which
+  find the cache): one computation for all processes."""
+  out = compute_or_load() if jax.process_index() == 0 else None
+  distributed.sync(f"eval:{name}")
+  return out if out is not None else compute_or_load()
+
+
 def evaluate_workdir(config, workdir: str) -> dict:
-  """Runs the sweep over workdir's exports and writes <workdir>/eval/; returns results.json."""
-  from tqdm import tqdm
+  """Runs the sweep over workdir's exports and writes <workdir>/eval/; returns results.json.
+
+  Relative paths (workdir, config path keys) are taken from the current directory.
+  """
   t_start = time.perf_counter()
+  workdir = paths.resolve(workdir)
+  config_lib.resolve_paths(config)
   config_lib.validate(config, num_devices=jax.device_count(), num_processes=jax.process_count())
   stages = api.finished_stages(workdir)
   rows = plan_rows(config, stages)
@@ -122,25 +149,28 @@ def evaluate_workdir(config, workdir: str) -> dict:
     raise api.StageNotFoundError(
         f"nothing to evaluate in {workdir}: finished exports {stages or 'none'}; eval.steps="
         f"{tuple(config.eval.steps)} (progressive_N is evaluated for N in eval.steps)")
-  eval_dir = os.path.join(workdir, "eval")
-  os.makedirs(eval_dir, exist_ok=True)
+  eval_dir = paths.join(workdir, "eval")
+  primary = jax.process_index() == 0
+  if primary:
+    paths.makedirs(eval_dir)
   scorer = make_scorer(config, eval_dir)
   e, ws = config.eval, [float(w) for w in config.eval.w]
   labels = np.arange(int(e.num_samples)) % int(config.model.num_classes)
   rng = jax.random.key(int(e.seed))
-  primary = jax.process_index() == 0
   results, compile_s, model = [], {}, None
-  progress_path = os.path.join(eval_dir, "progress.json")
+  progress_path = paths.join(eval_dir, "progress.json")
   key = _sweep_key(config, workdir, stages)
   cached = _load_progress(progress_path, key)
   guard = preemption.Guard()
   setup_s = time.perf_counter() - t_start
-  bar = tqdm(total=len(rows) * len(ws), desc="evaluate", unit="row", disable=not primary)
+  total = len(rows) * len(ws)
+  say = (lambda msg: print(f"[evaluate] {msg}", flush=True)) if primary else (lambda msg: None)
+  say(f"{len(rows)} rows x {len(ws)} w = {total} results, {len(labels)} samples each "
+      f"(set-up {setup_s:.1f} s)")
   for row in rows:
     hits = [cached.get(_row_key(row, w)) for w in ws]
     if all(hits):  # finished before an interruption: same models, same request
       results += hits
-      bar.update(len(ws))
       continue
     if model is None or model.stage != row.stage:
       model = None  # frees the previous stage's parameters first
@@ -159,27 +189,26 @@ def evaluate_workdir(config, workdir: str) -> dict:
       results.append({**dataclasses.asdict(row), "nfe": row.nfe, "w": w, **scores,
                       "seconds": round(seconds, 4),
                       "images_per_second": round(len(labels) / max(seconds, 1e-9), 2)})
-      bar.set_postfix_str(f"{row.stage} {row.sampler} N={row.steps} w={w:g} "
-                          f"FID={scores['fid']:.2f}")
-      bar.update()
+      say(f"{len(results)}/{total} {row.stage} {row.sampler} N={row.steps} ({row.nfe} NFE) "
+          f"w={w:g}: FID {scores['fid']:.2f}, sampling {seconds:.2f} s")
     if primary:
-      _write_json_atomic(progress_path, {"key": key, "rows": results})
-    if guard.should_stop(len(results)) and len(results) < len(rows) * len(ws):
-      bar.close()
+      paths.write_json_atomic(progress_path, {"key": key, "rows": results})
+    if guard.should_stop(len(results)) and len(results) < total:
       raise preemption.Preempted(
-          f"[evaluate] preempted after {len(results)} of {len(rows) * len(ws)} results; "
+          f"[evaluate] preempted after {len(results)} of {total} results; "
           f"saved in {progress_path}. Rerun the same command to continue.")
-  bar.close()
   out = {"workdir": workdir, "feature": scorer.feature, "num_samples": len(labels),
          "batch_size": int(e.batch_size), "seed": int(e.seed),
          "n0": int(config.progressive.start_steps), "w": ws, "steps": [int(n) for n in e.steps],
-         "samplers": list(e.samplers), "stages": stages, "rows": results,
-         "compile_seconds": compile_s, "setup_seconds": round(setup_s, 3),
+         "samplers": list(e.samplers), "teacher_samplers": list(e.teacher_samplers),
+         "stages": stages, "rows": results, "compile_seconds": compile_s,
+         "setup_seconds": round(setup_s, 3),
          "total_seconds": round(time.perf_counter() - t_start, 3)}
   if primary:
     write_results(out, rows, eval_dir, tensorboard=bool(config.log.tensorboard))
-    print(f"[evaluate] {len(rows)} rows x {len(ws)} w in {out['total_seconds']:.1f} s -> "
-          f"{eval_dir}/results.md\n" + markdown_table(out, rows), flush=True)
+    say(f"{len(rows)} rows x {len(ws)} w in {out['total_seconds']:.1f} s -> "
+        f"{paths.join(eval_dir, 'results.md')}")
+    print(markdown_table(out, rows), end="", flush=True)
   return out
 
 
@@ -198,11 +227,10 @@ def _row_key(row: Row, w: float) -> str:
 
 def _load_progress(path: str, key: str) -> dict:
   """{row key: result} from an interrupted sweep with the same key; {} otherwise."""
-  if not os.path.exists(path):
+  if not paths.exists(path):
     return {}
   try:
-    with open(path) as f:
-      saved = json.load(f)
+    saved = paths.read_json(path)
   except (OSError, ValueError):
     return {}
   if saved.get("key") != key:
@@ -213,13 +241,6 @@ def _load_progress(path: str, key: str) -> dict:
   if out and jax.process_index() == 0:
     print(f"[evaluate] reusing {len(out)} results of an earlier run ({path})", flush=True)
   return out
-
-
-def _write_json_atomic(path: str, obj) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
 
 
 def _cell(v, fmt: str) -> str:
@@ -245,24 +266,25 @@ def markdown_table(out: dict, rows: list[Row]) -> str:
 
 def write_results(out: dict, rows: list[Row], eval_dir: str, tensorboard: bool = True) -> None:
   """results.json / .csv / .md, the two plots and the TensorBoard scalars and table."""
-  with open(os.path.join(eval_dir, "results.json"), "w") as f:
-    json.dump(out, f, indent=2)
+  paths.write_json_atomic(paths.join(eval_dir, "results.json"), out)
   fields = ["stage", "method", "sampler", "steps", "nfe", "w", "fid", "is", "accuracy",
             "seconds", "images_per_second"]
-  with open(os.path.join(eval_dir, "results.csv"), "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(out["rows"])
+  buf = io.StringIO()
+  writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+  writer.writeheader()
+  writer.writerows(out["rows"])
+  paths.write_text_atomic(paths.join(eval_dir, "results.csv"), buf.getvalue())
   md = markdown_table(out, rows)
-  with open(os.path.join(eval_dir, "results.md"), "w") as f:
-    f.write(f"# Evaluation of {out['workdir']}\n\n{out['num_samples']} samples per row and w "
-            f"(labels i % num_classes, seed {out['seed']}); FID and IS from {out['feature']} "
-            f"features against the training set; N0 = {out['n0']}. NFE: 2 N for the guided "
-            "teacher, N for students. s: sampling wall-clock seconds, compilation excluded.\n\n"
-            + md)
+  paths.write_text_atomic(
+      paths.join(eval_dir, "results.md"),
+      f"# Evaluation of {out['workdir']}\n\n{out['num_samples']} samples per row and w "
+      f"(labels i % num_classes, seed {out['seed']}); FID and IS from {out['feature']} "
+      f"features against the training set; N0 = {out['n0']}. NFE: 2 N for the guided "
+      "teacher, N for students. s: sampling wall-clock seconds, compilation excluded.\n\n"
+      + md)
   _plots(out, rows, eval_dir)
   if tensorboard:
-    _tensorboard(out, rows, md, os.path.join(eval_dir, "tensorboard"))
+    _tensorboard(out, rows, md, paths.join(eval_dir, "tensorboard"))
 
 
 def _plots(out: dict, rows: list[Row], eval_dir: str) -> None:
@@ -283,7 +305,7 @@ def _plots(out: dict, rows: list[Row], eval_dir: str) -> None:
     ax.legend(fontsize=6)
   fig.suptitle("FID vs IS across w")
   fig.tight_layout()
-  fig.savefig(os.path.join(eval_dir, "fid_vs_is.png"), dpi=90)
+  paths.save_figure(fig, paths.join(eval_dir, "fid_vs_is.png"), dpi=90)
   plt.close(fig)
   fig, axes = plt.subplots(1, len(ws), figsize=(4 * len(ws), 3.6), squeeze=False)
   for ax, w in zip(axes[0], ws):
@@ -296,7 +318,7 @@ def _plots(out: dict, rows: list[Row], eval_dir: str) -> None:
     ax.legend(fontsize=7)
   fig.suptitle("FID vs NFE")
   fig.tight_layout()
-  fig.savefig(os.path.join(eval_dir, "fid_vs_nfe.png"), dpi=90)
+  paths.save_figure(fig, paths.join(eval_dir, "fid_vs_nfe.png"), dpi=90)
   plt.close(fig)
 
 
@@ -314,14 +336,6 @@ def _tensorboard(out: dict, rows: list[Row], md: str, logdir: str) -> None:
   writer.close()
 
 
-def _savez_atomic(path: str, arrays: dict) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
-    np.savez(f, **arrays)
-  os.replace(tmp, path)
-
-
 def _sample_resumable(model, labels, w, steps, sampler, seed, bs, *, partial: str):
   """model.sample, preemptible: on SIGTERM the finished batches go to `partial` (process 0)
   and Preempted is raised; a rerun with the same request continues from there."""
@@ -330,33 +344,41 @@ def _sample_resumable(model, labels, w, steps, sampler, seed, bs, *, partial: st
        sampler, seed, bs], sort_keys=True, default=str).encode()
       + np.ascontiguousarray(labels).tobytes()).hexdigest()[:16]
   done = []
-  if os.path.exists(partial):
-    with np.load(partial, allow_pickle=False) as z:
-      if str(z["key"]) == key:
-        done = [z[f"b{i}"] for i in range(int(z["count"]))]
+  if paths.exists(partial):
+    z = paths.load_npz(partial)
+    if str(z["key"]) == key:
+      done = [z[f"b{i}"] for i in range(int(z["count"]))]
+      if jax.process_index() == 0:
         print(f"[sample] resuming after {len(done)} finished batches ({partial})", flush=True)
   guard = preemption.Guard()
-  for i, xb in enumerate(model.sample_batches(labels, w=w, steps=steps, sampler=sampler,
-                                              rng=seed, batch_size=bs, start_batch=len(done))):
+  for xb in model.sample_batches(labels, w=w, steps=steps, sampler=sampler, rng=seed,
+                                batch_size=bs, start_batch=len(done), warn_w=False):
     done.append(xb)
     if guard.should_stop(len(done)) and len(done) * bs < len(labels):
       if jax.process_index() == 0:
-        _savez_atomic(partial, {"key": np.array(key), "count": np.int32(len(done)),
-                                **{f"b{k}": v for k, v in enumerate(done)}})
+        paths.save_npz_atomic(partial, {"key": np.array(key), "count": np.int32(len(done)),
+                                        **{f"b{k}": v for k, v in enumerate(done)}})
       raise preemption.Preempted(f"[sample] preempted after {len(done)} batches; saved to "
                                  f"{partial}. Rerun the same command to continue.")
   return np.concatenate(done) if done else np.zeros((0,) + model.example_shape, np.float32)
 
 
-def _resolve_out(workdir: str, out: str) -> str:
-  return out if os.path.isabs(out) else os.path.join(workdir, out)
-
-
 def sample_to_file(config, workdir: str) -> dict:
-  """--mode=sample: config.sample's samples to an .npz (+ a PNG grid beside it)."""
+  """--mode=sample: config.sample's samples to an .npz (+ a PNG grid beside it).
+
+  config.sample.out '' writes <workdir>/samples.npz; a relative path is taken from the current
+  directory. With several processes the batches are split over every process's devices and
+  process 0 writes the files.
+  """
+  workdir = paths.resolve(workdir)
+  config_lib.resolve_paths(config)
   config_lib.validate(config, num_devices=jax.device_count(), num_processes=jax.process_count())
   s = config.sample
   model = api.load(workdir, s.stage)
+  primary = jax.process_index() == 0
+  outside = model.w_outside_training(float(s.w))
+  if outside and primary:
+    print(f"[sample] warning: {outside}", flush=True)
   n, nc = int(s.num_samples), model.num_classes
   labels = (np.arange(n) % nc if s.labels is None
             else np.resize(np.asarray(s.labels, np.int32), n)).astype(np.int32)
@@ -372,7 +394,7 @@ def sample_to_file(config, workdir: str) -> dict:
   t0 = time.perf_counter()
   model.compile(s.sampler, bs)
   compile_s = time.perf_counter() - t0
-  path = _resolve_out(workdir, s.out)
+  path = s.out or paths.join(workdir, "samples.npz")
   t0 = time.perf_counter()
   x = _sample_resumable(model, labels, float(s.w), steps, s.sampler, int(s.seed), bs,
                         partial=f"{path}.partial.npz")
@@ -381,15 +403,13 @@ def sample_to_file(config, workdir: str) -> dict:
   info = {"stage": model.stage, "w": float(s.w), "steps": steps, "sampler": s.sampler,
           "nfe": model.nfe(steps), "num_samples": n, "seconds": round(seconds, 4),
           "compile_seconds": round(compile_s, 3), "out": path, "png": png}
-  if jax.process_index() != 0:
+  if not primary:
     return info
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   arrays = ({"images": dashboard.to_uint8(x)} if x.ndim == 4 else {"points": x})
   arrays.update(labels=labels, w=np.float32(s.w), steps=np.int32(steps),
                 nfe=np.int32(info["nfe"]), stage=np.array(model.stage))
-  _savez_atomic(path, arrays)
-  if os.path.exists(f"{path}.partial.npz"):
-    os.remove(f"{path}.partial.npz")
+  paths.save_npz_atomic(path, arrays)
+  paths.remove(f"{path}.partial.npz")
   title = f"{model.stage} {s.sampler} N={steps} w={float(s.w):g}"
   if x.ndim == 4:
     cols = min(n, nc)

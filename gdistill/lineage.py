@@ -1,9 +1,11 @@
-"""Export metadata and the checks that refuse a parent that does not fit.
+"""Export metadata, and the checks that refuse a parent or a resume that does not fit.
 
 Every finished stage exports its (EMA) parameters plus metadata: kind, name, N (sampling
 steps of the exported model; None for continuous-time teacher and stage-one models), w range,
 parametrization, schedule, the model architecture and its hash, the config hash, and its parent
-(path, step, metadata hash).
+(path, step, metadata hash). Every checkpoint records the hyperparameters it was trained with
+(resume_record); check_resume refuses to continue it with other values unless
+config.allow_changes names them.
 """
 from __future__ import annotations
 
@@ -87,3 +89,53 @@ def check_parent(stage: Stage, config, parent: dict, parent_path: str) -> None:
           f"[{d.w_min}, {d.w_max}] (diffusion.w_min/w_max)")
     return
   raise LineageError(f"stage {stage.name} of kind {stage.kind!r} takes no parent")
+
+
+# ------------------------------------------------------------------------------------ resuming
+_NOT_HYPERPARAMETERS = ("max_nonfinite",)  # a guard, not part of the update rule
+
+
+def resume_record(config, stage: Stage) -> dict:
+  """The config values that decide how a stage trains from a given checkpoint on, flat
+  ({'teacher.lr': 0.002, ...}); stored with every checkpoint (its `extra`) and compared on
+  resume. num_steps counts only where the learning-rate schedule depends on it (not for
+  'constant'), so a constant-schedule stage may be extended. The architecture is not here: a
+  different one fails the strict restore anyway."""
+  section = config[stage.section]
+  out = {f"{stage.section}.{k}": v for k, v in section.to_dict().items()
+         if k not in _NOT_HYPERPARAMETERS}
+  if section.schedule == "constant":
+    out.pop(f"{stage.section}.num_steps")
+  out.update({f"diffusion.{k}": v for k, v in config.diffusion.to_dict().items()})
+  out.update({"seed": config.seed, "data.name": config.data.name,
+              "data.split": config.data.split, "data.random_flip": config.data.random_flip,
+              "model.dropout": config.model.dropout, "model.dtype": config.model.dtype})
+  return json.loads(json.dumps(out, default=str))  # tuples -> lists, as stored in JSON
+
+
+def _allowed(key: str, allow: list[str]) -> bool:
+  return "all" in allow or key in allow or key.rsplit(".", 1)[-1] in allow
+
+
+def check_resume(saved: Optional[dict], config, stage: Stage, step: int) -> list[str]:
+  """Refuses (config_lib.ConfigError) to resume `stage` at `step` when a value of
+  resume_record differs from `saved` (the record in that checkpoint) and config.allow_changes
+  does not name it; returns the allowed changes as 'key: old -> new' lines. A checkpoint
+  without a record (older gdistill) is not checked."""
+  if not saved:
+    return []
+  now = resume_record(config, stage)
+  allow = [a.strip() for a in str(config.allow_changes).split(",") if a.strip()]
+  changed = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
+             if saved.get(k) != now.get(k)}
+  refused = [k for k in changed if not _allowed(k, allow)]
+  if refused:
+    lines = "\n".join(f"  config.{k}: {changed[k][0]!r} in the checkpoint, {changed[k][1]!r} "
+                      "now" for k in refused)
+    raise config_lib.ConfigError(
+        f"stage {stage.name} has a checkpoint at step {step} written with other "
+        f"hyperparameters:\n{lines}\nResuming would train the rest of the stage differently "
+        "from how it started. Restore the old value(s), or accept the change with "
+        f"--config.allow_changes={','.join(refused)} ('all' accepts every change), or delete "
+        f"{stage.name}/ in the workdir to start the stage afresh.")
+  return [f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()]

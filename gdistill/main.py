@@ -38,26 +38,48 @@ flags.DEFINE_integer("heartbeat_timeout_s", 100,
                      "then stop with an error.")
 flags.DEFINE_integer("initialization_timeout_s", 300,
                      "How long to wait for every process to join the coordinator.")
+flags.DEFINE_bool("verbose", False,
+                  "Print third-party logs (TensorFlow, XLA, orbax, tfds) and tracebacks on the "
+                  "terminal too; by default they go to <workdir>/logs/.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from absl import logging
-  logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-  from gdistill import distributed
+  from gdistill import console, paths
+  workdir = paths.resolve(FLAGS.workdir)  # relative: the current directory, once, here
+  console.capture(workdir, FLAGS.mode, verbose=FLAGS.verbose)
+  try:
+    _run(workdir)
+  except SystemExit:
+    raise
+  except KeyboardInterrupt:
+    console.error("interrupted; committed checkpoints are kept, rerun the same command to "
+                  "resume")
+    sys.exit(130)
+  except BaseException as e:  # pylint: disable=broad-except
+    import traceback
+    traceback.print_exc()  # to the log (or the terminal with --verbose)
+    first = str(e).splitlines()[0] if str(e) else ""
+    console.error(f"{type(e).__name__}: {first}{console.traceback_hint()}")
+    sys.exit(1)
+
+
+def _run(workdir: str) -> None:
+  from gdistill import console, distributed
   try:
     launch = distributed.detect(coordinator_address=FLAGS.coordinator_address,
                                 num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
                                 mode=FLAGS.distributed)
   except distributed.LaunchError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
+    console.error(str(e))
     sys.exit(2)
   distributed.initialize(launch, heartbeat_timeout_s=FLAGS.heartbeat_timeout_s,
                          initialization_timeout_s=FLAGS.initialization_timeout_s,
                          local_device_count=FLAGS.local_device_count)
   from gdistill import checkpoint, config_lib, lineage, preemption, runtime, train
+  config = config_lib.resolve_paths(FLAGS.config)
   cache_ok = distributed.persistent_cache_safe(launch)
   if cache_ok:
     runtime.enable_compilation_cache(FLAGS.compilation_cache)
@@ -66,33 +88,34 @@ def main(argv):
     import jax
     if jax.process_index() == 0:
       note = "" if cache_ok else " (no persistent compile cache)"
-      print(f"distributed ({launch.why}): {distributed.describe()}{note}", flush=True)
-  watchdog = distributed.PeerWatchdog(FLAGS.heartbeat_timeout_s, workdir=FLAGS.workdir).start()
+      print(f"[gdistill] distributed ({launch.why}): {distributed.describe()}{note}",
+            flush=True)
+  watchdog = distributed.PeerWatchdog(FLAGS.heartbeat_timeout_s, workdir=workdir).start()
   clean = False
   try:
-    runtime.configure_tensorflow(FLAGS.config.data)  # before TensorFlow's first op
+    runtime.configure_tensorflow(config.data)  # before TensorFlow's first op
     if FLAGS.mode == "compile":
       from gdistill import compile_check
-      compile_check.run(FLAGS.config, FLAGS.workdir)
+      compile_check.run(config, workdir)
     elif FLAGS.mode == "train":
-      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+      train.train_and_evaluate(config, workdir)
     elif FLAGS.mode == "sample":
       from gdistill import evaluate
-      evaluate.sample_to_file(FLAGS.config, FLAGS.workdir)
+      evaluate.sample_to_file(config, workdir)
     elif FLAGS.mode == "evaluate":
       from gdistill import evaluate
-      evaluate.evaluate_workdir(FLAGS.config, FLAGS.workdir)
+      evaluate.evaluate_workdir(config, workdir)
     clean = True
   except preemption.Preempted as e:
     clean = True
     print(str(e), flush=True)
     sys.exit(0)
   except (config_lib.ConfigError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
+    console.error(str(e))
     sys.exit(2)
   except (train.NonFiniteError, lineage.LineageError, checkpoint.CheckpointMismatchError,
-          checkpoint.NoUsableCheckpointError) as e:
-    print(f"error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+          checkpoint.NoUsableCheckpointError, checkpoint.DamagedExportError) as e:
+    console.error(f"{type(e).__name__}: {e}")
     sys.exit(1)
   finally:
     watchdog.stop(clean)

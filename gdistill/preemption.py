@@ -29,7 +29,8 @@ class Preempted(SystemExit):
 def _handler(signum, frame):
   del frame
   _flag.set()
-  print(f"received signal {signum}: checkpointing at the next step boundary", flush=True)
+  print(f"[gdistill] received signal {signum}: checkpointing at the next step boundary",
+        flush=True)
 
 
 def _sync_service_running() -> bool:

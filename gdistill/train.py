@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from gdistill import checkpoint as ckpt_lib
-from gdistill import config_lib, data, dashboard, lineage, losses, optim, sharding
+from gdistill import config_lib, data, dashboard, lineage, losses, optim, paths, sharding
 from gdistill import sampling
 from gdistill import preemption
 from gdistill.denoiser import Denoiser, build_denoiser, student_params_from_teacher
@@ -47,7 +47,7 @@ def export_dir(workdir: str, name: str) -> str:
 
 
 def is_finished(workdir: str, name: str) -> bool:
-  return os.path.exists(os.path.join(export_dir(workdir, name), "metadata.json"))
+  return paths.exists(os.path.join(export_dir(workdir, name), "metadata.json"))
 
 
 def stage_seed(config, stage: Stage) -> int:
@@ -279,13 +279,17 @@ def run_stage(config, workdir: str, stage: Stage, mesh, programs: Optional[dict]
   ck = ckpt_lib.StageCheckpointer(os.path.join(sdir, "checkpoints"),
                                   keep=int(config.checkpoint.keep),
                                   async_save=bool(config.checkpoint.async_save))
+  latest = ck.latest_extra()
+  changes = [] if latest is None else lineage.check_resume(latest[1].get("hparams"), config,
+                                                           stage, latest[0])
   restored = ck.restore_latest_usable(s.abstract_state)
   if restored is None:
     start, state = 0, init_state(config, stage, s)
   else:
     start, state, _ = restored
   seed = stage_seed(config, stage)
-  extra = {"stage": stage.name, "seed": seed, "config_hash": config_lib.config_hash(config)}
+  extra = {"stage": stage.name, "seed": seed, "config_hash": config_lib.config_hash(config),
+           "hparams": lineage.resume_record(config, stage)}
   scalars = step_scalars(mesh, stage.student_steps or 0, seed)
   programs = {} if programs is None else programs
   key = (stage.kind, stage.section)
@@ -302,6 +306,9 @@ def run_stage(config, workdir: str, stage: Stage, mesh, programs: Optional[dict]
     what = "resuming at step %d" % start if start else "starting"
     print(f"[{stage.name}] {what}; {total} steps, batch {section.batch_size}, "
           f"parent {s.parent_path or '-'}", flush=True)
+    if start and changes:
+      print(f"[{stage.name}] resuming with changed hyperparameters (config.allow_changes): "
+            + "; ".join(changes), flush=True)
   log_every = max(int(config.log.every_steps), 1)
   ckpt_every = max(int(config.checkpoint.every_steps), 1)
   sample_every = int(config.log.sample_every_steps)
@@ -386,17 +393,19 @@ def prepare(config, workdir: str, devices=None):
                       num_processes=jax.process_count(), dataset_info=info)
   mesh = sharding.make_mesh(config.mesh, devices)
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    paths.write_text_atomic(os.path.join(workdir, "config.json"),
+                            config.to_json_best_effort(indent=2, sort_keys=True))
   return mesh
 
 
 def train_and_evaluate(config, workdir: str, devices=None) -> dict:
   """Runs config.stage ('teacher' | 'guided' | 'progressive' | 'pipeline') in workdir.
 
-  devices: the devices of the mesh (default: all of them).
+  devices: the devices of the mesh (default: all of them). Relative paths (workdir and the
+  config's path keys) are resolved against the current directory here (gdistill/paths.py).
   """
+  workdir = paths.resolve(workdir)
+  config_lib.resolve_paths(config)
   mesh = prepare(config, workdir, devices)
   plan = make_plan(config)
   results = {}
@@ -406,12 +415,13 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     for stage in plan:
       results[stage.name] = run_stage(config, workdir, stage, mesh, programs)
   if jax.process_index() == 0:
-    print(f"plan {[s.name for s in plan]} trained in {(time.time() - t0) / 60:.1f} min",
+    print(f"[pipeline] plan {[s.name for s in plan]} trained in "
+          f"{(time.time() - t0) / 60:.1f} min",
           flush=True)
   if config.stage == "pipeline" and config.eval.enabled:
     from gdistill import evaluate
     results["eval"] = evaluate.evaluate_workdir(config, workdir)
     if jax.process_index() == 0:
-      print(f"pipeline finished in {(time.time() - t0) / 60:.1f} min; table: "
+      print(f"[pipeline] finished in {(time.time() - t0) / 60:.1f} min; table: "
             f"{os.path.join(workdir, 'eval', 'results.md')}", flush=True)
   return results

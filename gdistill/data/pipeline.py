@@ -22,7 +22,6 @@ device, turns them into exactly the host path's float32 batch: it looks each pix
 """
 import dataclasses
 import functools
-import os
 import queue
 import threading
 from typing import Any, Callable
@@ -31,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
 
+from gdistill import paths
 from gdistill.data import digits
 from gdistill.data import toy2d
 
@@ -61,7 +61,7 @@ class _Source:
 
 
 def _data_dir(data_cfg) -> str:
-  return os.path.expanduser(data_cfg.data_dir or _DEFAULT_DATA_DIR)
+  return paths.resolve(data_cfg.data_dir or _DEFAULT_DATA_DIR)
 
 
 def _open(data_cfg, split: str | None = None) -> _Source:
@@ -84,6 +84,7 @@ def _open_digits(data_dir: str, split: str) -> _Source:
   if not builder.is_prepared():
     config = tfds.download.DownloadConfig(try_download_gcs=False)
     try:
+      tfds.display_progress_bar(False)  # embedded data: no bars (this process shows none)
       builder.download_and_prepare(download_config=config)
     except Exception:
       # Another process on this host may have finished first and won the rename.

@@ -21,7 +21,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import os
 import time
 from typing import Any
 
@@ -31,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from gdistill import paths
 
 FORMAT = "gdistill-classifier-v1"
 FEATURE_DIM = 128
@@ -207,21 +208,18 @@ def save_classifier(path: str, state: ClassifierState) -> None:
   arrays = {_PARAM_PREFIX + k: np.asarray(v)
             for k, v in traverse_util.flatten_dict(state.params, sep="/").items()}
   arrays[_META_KEY] = np.array(json.dumps(state.metadata, sort_keys=True))
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
-    np.savez(f, **arrays)
-  os.replace(tmp, path)
+  paths.save_npz_atomic(path, arrays)
 
 
 def load_classifier(path: str) -> ClassifierState:
   """Reads a classifier saved by save_classifier; checks every parameter's shape."""
-  if not os.path.isfile(path):
+  if not paths.exists(path):
     raise FileNotFoundError(f"No classifier at {path!r}.")
-  with np.load(path, allow_pickle=False) as npz:
-    if _META_KEY not in npz.files:
-      raise ValueError(f"{path!r} is not a gdistill classifier: no {_META_KEY!r} entry.")
-    metadata = json.loads(str(npz[_META_KEY]))
-    flat = {k[len(_PARAM_PREFIX):]: npz[k] for k in npz.files if k.startswith(_PARAM_PREFIX)}
+  npz = paths.load_npz(path)
+  if _META_KEY not in npz:
+    raise ValueError(f"{path!r} is not a gdistill classifier: no {_META_KEY!r} entry.")
+  metadata = json.loads(str(npz[_META_KEY]))
+  flat = {k[len(_PARAM_PREFIX):]: v for k, v in npz.items() if k.startswith(_PARAM_PREFIX)}
   if metadata.get("format") != FORMAT or metadata.get("arch") not in _ARCHS:
     raise ValueError(f"{path!r}: format {metadata.get('format')!r} / arch "
                      f"{metadata.get('arch')!r}; expected {FORMAT!r} / one of {sorted(_ARCHS)}.")
@@ -247,7 +245,7 @@ def get_or_train_classifier(cache_path: str, x, labels, num_classes: int,
   classifiers are not comparable.
   """
   x, labels = np.asarray(x), np.asarray(labels)
-  if os.path.exists(cache_path):
+  if paths.exists(cache_path):
     state = load_classifier(cache_path)
     want = dict(num_classes=num_classes, data_shape=list(x.shape[1:]),
                 data_fingerprint=_fingerprint(x, labels))
@@ -257,6 +255,5 @@ def get_or_train_classifier(cache_path: str, x, labels, num_classes: int,
                        "delete it to train a new one (metrics will change).")
     return state
   state = train_classifier(x, labels, num_classes=num_classes, **train_kwargs)
-  os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
   save_classifier(cache_path, state)
   return state

@@ -12,11 +12,11 @@ recomputed and replaced, atomically (temporary file, then rename).
 from __future__ import annotations
 
 import logging
-import os
 from typing import Callable
 
 import numpy as np
 
+from gdistill import paths
 from gdistill.metrics.frechet import feature_stats
 
 log = logging.getLogger(__name__)
@@ -25,8 +25,8 @@ log = logging.getLogger(__name__)
 def _read(path: str, feature_dim: int | None, key: str) -> tuple[np.ndarray, np.ndarray] | str:
   """(mu, sigma), or why the cache cannot be used."""
   try:
-    with np.load(path, allow_pickle=False) as npz:
-      mu, sigma, stored_key = npz["mu"], npz["sigma"], str(npz["key"])
+    npz = paths.load_npz(path)
+    mu, sigma, stored_key = npz["mu"], npz["sigma"], str(npz["key"])
   except Exception as e:  # pylint: disable=broad-except
     return f"unreadable ({type(e).__name__}: {e})"
   d = mu.shape[0] if mu.ndim == 1 else -1
@@ -44,7 +44,7 @@ def _read(path: str, feature_dim: int | None, key: str) -> tuple[np.ndarray, np.
 def reference_stats(cache_path: str, compute_fn: Callable[[], np.ndarray], *,
                     feature_dim: int | None = None, key: str = "") -> tuple[np.ndarray, np.ndarray]:
   """(mu float64 [D], sigma float64 [D, D]) of compute_fn()'s features [N, D], cached."""
-  if os.path.exists(cache_path):
+  if paths.exists(cache_path):
     cached = _read(cache_path, feature_dim, key)
     if not isinstance(cached, str):
       return cached
@@ -54,9 +54,7 @@ def reference_stats(cache_path: str, compute_fn: Callable[[], np.ndarray], *,
     raise ValueError(f"compute_fn returned features of shape {features.shape}; expected "
                      f"[N, {feature_dim if feature_dim is not None else 'D'}].")
   mu, sigma = feature_stats(features)
-  os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
-  tmp = f"{cache_path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
-    np.savez(f, mu=mu, sigma=sigma, num_examples=np.int64(features.shape[0]), key=np.array(key))
-  os.replace(tmp, cache_path)
+  paths.save_npz_atomic(cache_path, dict(mu=mu, sigma=sigma,
+                                         num_examples=np.int64(features.shape[0]),
+                                         key=np.array(key)))
   return mu, sigma
