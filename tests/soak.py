@@ -99,7 +99,7 @@ def targets(ref: str) -> list[str]:
       rows = [json.loads(l) for l in f]
     total = rows[-1]["step"]
     out += [f"[{st}] step {r['step']}/{total} " for r in rows] + [f"[{st}] done"]
-  return out + ["plan ["]
+  return out + ["[pipeline] plan ["]
 
 
 def exports_equal(a: str, b: str) -> list[str]:
@@ -137,12 +137,13 @@ def main(argv=None) -> int:
   cache = os.path.join(a.workdir, "xla_cache")
   ref, wd = os.path.join(a.workdir, "ref"), os.path.join(a.workdir, "interrupted")
   sample = ["--mode=sample", "--config.sample.stage=latest", "--config.sample.w=2",
-            "--config.sample.num_samples=200", "--config.sample.out=final_samples.npz"]
+            "--config.sample.num_samples=200"]
   t0 = time.time()
   if not os.path.exists(os.path.join(ref, "eval", "results.json")):
     rc, last, _ = run(_cmd(ref, cache))
     assert rc == 0, f"reference run failed ({rc}): {last}"
-  rc, last, _ = run(_cmd(ref, cache, *sample))
+  rc, last, _ = run(_cmd(ref, cache, *sample,
+                         f"--config.sample.out={os.path.join(ref, 'final_samples.npz')}"))
   assert rc == 0, f"reference sampling failed ({rc}): {last}"
   print(f"reference run + samples: {time.time() - t0:.0f} s", flush=True)
   rnd = random.Random(a.seed)
@@ -158,7 +159,7 @@ def main(argv=None) -> int:
   picks = sorted(rnd.sample(range(len(lines) - 1), n - n_start - n_eval))
   moments = ([(None, rnd.uniform(1.0, 15.0)) for _ in range(n_start)]
              + [(lines[i], rnd.uniform(0.0, 3.0)) for i in picks]
-             + [("plan [", rnd.uniform(2.0, 20.0)) for _ in range(n_eval)])
+             + [("[pipeline] plan [", rnd.uniform(2.0, 20.0)) for _ in range(n_eval)])
   t1 = time.time()
   for i, (sig, (when, delay)) in enumerate(zip(signals, moments)):
     rc, last, sent = run(_cmd(wd, cache), sig=sig, when=when, delay=delay, order=lines)
@@ -170,7 +171,8 @@ def main(argv=None) -> int:
       return 1
   rc, last, _ = run(_cmd(wd, cache))
   assert rc == 0, f"final rerun failed ({rc}): {last}"
-  rc, last, _ = run(_cmd(wd, cache, *sample))
+  rc, last, _ = run(_cmd(wd, cache, *sample,
+                         f"--config.sample.out={os.path.join(wd, 'final_samples.npz')}"))
   assert rc == 0, f"final sampling failed ({rc}): {last}"
   print(f"interrupted runs + final rerun + samples: {time.time() - t1:.0f} s", flush=True)
   diffs = exports_equal(ref, wd)

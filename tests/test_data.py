@@ -1,6 +1,5 @@
 """Data package: digits8x8 preparation, determinism, resume, process slices, failures."""
 import importlib
-import time
 
 import ml_collections
 import numpy as np
@@ -175,12 +174,13 @@ def test_catalog_reader_on_prepared_array_record(digits_dir, monkeypatch):
     pipeline._open_catalog.cache_clear()
 
 
-def test_unprepared_catalog_dataset_fails_fast(tmp_path):
+def test_unprepared_catalog_dataset_fails_offline(tmp_path, monkeypatch):
+  """Refused from the local files alone: any network connection would fail the test."""
+  import util
+  util.forbid_network(monkeypatch)
   for name, tfds_name in (("cifar10", "cifar10"), ("imagenet64", "imagenet_resized/64x64")):
-    start = time.monotonic()
     with pytest.raises(FileNotFoundError) as error:
       data.make_loader(_cfg(name, str(tmp_path)), global_batch_size=8, seed=0, start_step=0)
-    assert time.monotonic() - start < 5.0
     message = str(error.value)
     assert f"tfds build {tfds_name} --data_dir={tmp_path} --file_format=array_record" in message
     assert repr(name) in message and str(tmp_path) in message

@@ -13,54 +13,20 @@ import shutil
 import subprocess
 import sys
 
-import flax.linen as nn
-import jax
 import numpy as np
 import pytest
 
 import gdistill
-from gdistill import api, config_lib, evaluate, lineage, train
-from gdistill import checkpoint as ckpt
-from gdistill.denoiser import student_params_from_teacher
-from gdistill.plan import make_plan
+from gdistill import api, config_lib, evaluate
+import util
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-N0 = 4
+ROOT = util.ROOT
+N0 = util.TINY_N0
 STAGES = ["teacher", "guided", "progressive_2", "progressive_1"]
 
 
-def tiny_config():
-  sys.path.insert(0, ROOT)
-  from configs import digits
-  c = digits.get_config("quick")
-  c.model.update(dict(ch=16, num_groups=8, attn_resolutions=()))
-  c.progressive.start_steps = N0
-  c.eval.update(dict(num_samples=48, batch_size=48, steps=(1, 2), w=(0.0, 2.0),
-                     classifier_steps=30))
-  c.sample.update(dict(num_samples=48, batch_size=48, out="samples/s.npz"))
-  return c
-
-
-def write_workdir(c, workdir: str) -> None:
-  """A finished pipeline workdir: config.json and one export per stage of the plan."""
-  train.prepare(c, workdir)
-  shape = train.example_shape(c)
-  params, parent = {}, None
-  for st in make_plan(c):
-    den = train.student_denoiser(c, st)
-    if st.kind == "teacher":  # 'rbg': XLA:CPU compiles threefry inits slowly
-      p = nn.unbox(jax.jit(den.init_fn(shape))(jax.random.key(1, impl="rbg")))
-    elif st.kind == "guided":  # the w-embedding at zero, as its zero-initialised last layer
-      zeros = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype),
-                           nn.unbox(den.init_abstract(shape)))
-      p = student_params_from_teacher(params["teacher"], zeros)
-    else:
-      p = params[st.parent]
-    params[st.name] = p
-    meta = lineage.export_metadata(c, st, train_steps=1, parent=parent,
-                                   parent_path=st.parent and train.export_dir(workdir, st.parent))
-    ckpt.save_export(train.export_dir(workdir, st.name), p, meta)
-    parent = meta
+tiny_config = util.tiny_eval_config
+write_workdir = util.write_untrained_workdir
 
 
 @pytest.fixture(scope="session")
@@ -99,10 +65,40 @@ def test_every_stage_samples_the_conditional_teacher_at_w0(workdir):
     np.testing.assert_allclose(model.sample(labels, w=0.0, steps=2, rng=3), ref, atol=2e-5)
   assert gdistill.load(wd, "guided").default_steps == N0
   assert gdistill.load(wd, "progressive_2").default_steps == 2
-  with pytest.raises(ValueError, match="guided DDIM only"):
-    teacher.sample(labels, sampler="stochastic")
   with pytest.raises(ValueError, match="10 classes"):
     teacher.sample([10])
+
+
+def test_the_guided_teacher_takes_every_sampler_at_2_nfe_per_step(workdir):
+  """The stochastic sampler runs on the guided x_hat^w like on any x-prediction: at w = 0 the
+  untrained students equal the conditional teacher, so both sample the same images."""
+  wd, _ = workdir
+  labels = np.arange(48) % 10
+  teacher = gdistill.load(wd, "teacher")
+  assert teacher.spec("stochastic").nfe(4) == 8 and teacher.nfe(4) == 8
+  x = teacher.sample(labels, w=0.0, steps=4, sampler="stochastic", rng=3)
+  assert np.all(np.isfinite(x)) and not np.array_equal(
+      x, teacher.sample(labels, w=0.0, steps=4, rng=3))
+  student = gdistill.load(wd, "guided")
+  np.testing.assert_allclose(student.sample(labels, w=0.0, steps=4, sampler="stochastic",
+                                            rng=3), x, atol=2e-5)
+
+
+def test_a_w_outside_the_trained_range_warns_once_with_the_range(workdir, capsys):
+  wd, c = workdir
+  student = gdistill.load(wd, "progressive_2")
+  assert student.w_range == (0.0, 4.0) and gdistill.load(wd, "teacher").w_range is None
+  with pytest.warns(UserWarning, match=r"w=1e\+09 lies outside .* \(w in \[0, 4\]\)"):
+    student.sample(np.arange(48) % 10, w=1e9)
+  c = c.copy_and_resolve_references()
+  c.sample.update(dict(stage="progressive_2", w=1e9, out=os.path.join(wd, "far.npz")))
+  evaluate.sample_to_file(c, wd)
+  lines = [l for l in capsys.readouterr().out.splitlines() if "outside" in l]
+  assert lines == ["[sample] warning: w=1e+09 lies outside the range stage 'progressive_2' "
+                   "was trained on (w in [0, 4]); its samples there are an extrapolation"]
+  c.sample.w = 4.0
+  evaluate.sample_to_file(c, wd)
+  assert "outside" not in capsys.readouterr().out
 
 
 def test_latest_follows_plan_order(workdir, tmp_path):
@@ -134,7 +130,8 @@ def test_missing_stage_lists_the_available_exports(workdir, stage):
 def test_sample_mode_writes_npz_and_png(workdir):
   wd, c = workdir
   c = c.copy_and_resolve_references()
-  c.sample.update(dict(stage="progressive_2", w=1.0, seed=5))
+  c.sample.update(dict(stage="progressive_2", w=1.0, seed=5,
+                       out=os.path.join(wd, "samples", "s.npz")))
   info = evaluate.sample_to_file(c, wd)
   path = os.path.join(wd, "samples", "s.npz")
   assert info["out"] == path and info["nfe"] == 2 and info["steps"] == 2
@@ -152,6 +149,26 @@ def test_sample_mode_writes_npz_and_png(workdir):
   assert evaluate.sample_to_file(c, wd)["nfe"] == 1
   with np.load(os.path.join(wd, "three.npz"), allow_pickle=False) as f:
     assert set(f["labels"].tolist()) == {3}
+  # The guided teacher with the stochastic sampler: 2 NFE per step.
+  c.sample.update(dict(stage="teacher", labels=None, steps=2, out=""))
+  info = evaluate.sample_to_file(c, wd)
+  assert info["nfe"] == 4 and info["out"] == os.path.join(wd, "samples.npz")
+
+
+def test_relative_paths_are_taken_from_the_current_directory(workdir, tmp_path, monkeypatch):
+  """gdistill.load and --mode=sample take a relative workdir and output path as a user types
+  them, from the current directory."""
+  wd, c = workdir
+  monkeypatch.chdir(tmp_path)
+  os.symlink(wd, tmp_path / "wd")
+  model = gdistill.load("wd", "progressive_1")
+  assert model.workdir == str(tmp_path / "wd")
+  c = c.copy_and_resolve_references()
+  c.sample.update(dict(stage="progressive_1", out="out/s.npz"))
+  info = evaluate.sample_to_file(c, "wd")
+  assert info["out"] == str(tmp_path / "out" / "s.npz")
+  assert os.path.getsize(tmp_path / "out" / "s.npz") > 0 and os.path.exists(
+      tmp_path / "out" / "s.png")
 
 
 def test_evaluate_writes_the_table_plots_and_tensorboard(workdir):
@@ -187,6 +204,14 @@ def test_evaluate_writes_the_table_plots_and_tensorboard(workdir):
     md = f.read()
   assert "| Method | Stage | Sampler | N | NFE | w=0 FID |" in md
   assert md.count("| teacher | ddim |") == 3 and "| progressive_1 | stochastic | 1 | 1 |" in md
+  # eval.teacher_samplers adds the guided teacher's stochastic rows (2 NFE per step).
+  c2 = c.copy_and_resolve_references()
+  c2.eval.teacher_samplers = ("ddim", "stochastic")
+  rows2 = evaluate.plan_rows(c2, STAGES)
+  assert [(r.sampler, r.steps, r.nfe) for r in rows2 if r.stage == "teacher"] == [
+      ("ddim", N0, 2 * N0), ("ddim", 1, 2), ("ddim", 2, 4),
+      ("stochastic", N0, 2 * N0), ("stochastic", 1, 2), ("stochastic", 2, 4)]
+  assert {r.family for r in rows2 if r.stage == "teacher"} == {"teacher", "teacher_stochastic"}
   # The classifier and reference statistics are cached: the next evaluation reuses them.
   cached = [os.path.join(edir, n) for n in ("classifier.npz", "reference_stats.npz")]
   mtimes = [os.path.getmtime(p) for p in cached]
@@ -262,14 +287,14 @@ def test_sigterm_in_evaluate_and_sample_saves_progress_and_reruns_match(workdir,
   assert len(fresh["rows"]) == total
   # The sampling loop: 3 batches of 16; preempted after the first.
   c = c.copy_and_resolve_references()
-  c.sample.update(dict(stage="progressive_2", w=1.0, seed=5, batch_size=16))
+  out = os.path.join(wd, "samples", "s.npz")
+  c.sample.update(dict(stage="progressive_2", w=1.0, seed=5, batch_size=16, out=out))
   preemption._flag.set()
   try:
     with pytest.raises(preemption.Preempted, match="after 1 batches"):
       evaluate.sample_to_file(c, wd)
   finally:
     preemption.reset()
-  out = os.path.join(wd, "samples", "s.npz")
   assert os.path.exists(out + ".partial.npz") and not os.path.exists(out)
   evaluate.sample_to_file(c, wd)
   assert not os.path.exists(out + ".partial.npz")

@@ -68,6 +68,19 @@ def run_cli(workdir, overrides, *, config="configs/digits.py:quick", kill_on=Non
   return rc, "".join(lines), killed
 
 
+def forbid_network(monkeypatch):
+  """Any attempt to open a network connection fails the test (offline guarantees are checked
+  by what the code does, not by how long it takes)."""
+  import socket
+
+  def refuse(self, address, *a, **k):
+    raise AssertionError(f"network access attempted: {address!r}")
+  monkeypatch.setattr(socket.socket, "connect", refuse)
+  monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+  monkeypatch.setattr(socket, "create_connection",
+                      lambda address, *a, **k: refuse(None, address))
+
+
 def load_export(path):
   from gdistill import checkpoint
   params, meta = checkpoint.load_export_local(path)
@@ -80,3 +93,47 @@ def assert_trees_identical(a, b):
   assert ta == tb
   for x, y in zip(la, lb):
     np.testing.assert_array_equal(x, y)
+
+
+# ------------------------------------------------- a finished workdir without any training
+TINY_N0 = 4
+# The CLI overrides that make configs/digits.py:quick evaluate and sample like
+# tiny_eval_config (the architecture comes from each export's metadata).
+TINY_EVAL_CLI = {"progressive.start_steps": TINY_N0, "eval.num_samples": 48,
+                 "eval.batch_size": 48, "eval.steps": (1, 2), "eval.w": (0.0, 2.0),
+                 "eval.classifier_steps": 30, "sample.num_samples": 48,
+                 "sample.batch_size": 48}
+
+
+def tiny_eval_config():
+  """configs/digits.py:quick with a tiny U-Net, N0 = 4 and a small evaluation."""
+  c = quick_config()
+  c.model.update(dict(ch=16, num_groups=8, attn_resolutions=()))
+  return apply_overrides(c, TINY_EVAL_CLI)
+
+
+def write_untrained_workdir(c, workdir: str) -> None:
+  """A finished pipeline workdir: config.json and one export per stage of the plan, from
+  initial parameters the way run_stage derives them (the guided student from the teacher,
+  each progressive round from its parent), so no training step compiles."""
+  import flax.linen as nn
+  from gdistill import checkpoint, lineage, plan, train
+  from gdistill.denoiser import student_params_from_teacher
+  train.prepare(c, workdir)
+  shape = train.example_shape(c)
+  params, parent = {}, None
+  for st in plan.make_plan(c):
+    den = train.student_denoiser(c, st)
+    if st.kind == "teacher":  # 'rbg': XLA:CPU compiles threefry inits slowly
+      p = nn.unbox(jax.jit(den.init_fn(shape))(jax.random.key(1, impl="rbg")))
+    elif st.kind == "guided":  # the w-embedding at zero, as its zero-initialised last layer
+      zeros = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype),
+                           nn.unbox(den.init_abstract(shape)))
+      p = student_params_from_teacher(params["teacher"], zeros)
+    else:
+      p = params[st.parent]
+    params[st.name] = p
+    meta = lineage.export_metadata(c, st, train_steps=1, parent=parent,
+                                   parent_path=st.parent and train.export_dir(workdir, st.parent))
+    checkpoint.save_export(train.export_dir(workdir, st.name), p, meta)
+    parent = meta
