@@ -4,7 +4,7 @@ Every parameter carries logical axis names (nn.with_logical_partitioning); the c
 those names to mesh axes. Logical names used here:
   'embed'    input features of a Dense / conv (rows of a weight matrix)
   'mlp'      output features of a Dense / conv (columns)
-  'vocab'    label-embedding table rows
+  'vocab'    rows of an embedding table (labels, tokens, positions)
   'norm'     GroupNorm / LayerNorm scale and bias
   'bias'     biases
   'conv_h', 'conv_w'  conv kernel spatial dims (never sharded)
@@ -27,32 +27,53 @@ def _kinit(init, names):
   return nn.with_logical_partitioning(init, names)
 
 
-def dense(features: int, *, dtype, param_dtype, zero: bool = False, name=None, scale: float = 1.0):
-  """Dense layer with logical axes ('embed', 'mlp')."""
+def dense(features: int, *, dtype, param_dtype, zero: bool = False, name=None, scale: float = 1.0,
+          use_bias: bool = True):
+  """Dense layer with logical axes ('embed', 'mlp'); kernel [in, out], bias optional."""
   init = nn.initializers.zeros if zero else nn.initializers.variance_scaling(
       scale, "fan_avg", "uniform")
-  return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name,
+  return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name, use_bias=use_bias,
                   kernel_init=_kinit(init, ("embed", "mlp")),
                   bias_init=_kinit(nn.initializers.zeros, ("bias",)))
 
 
 def conv(features: int, kernel: int = 3, *, dtype, param_dtype, stride: int = 1,
-         zero: bool = False, name=None):
-  """Conv layer with logical axes ('conv_h', 'conv_w', 'embed', 'mlp')."""
+         zero: bool = False, name=None, padding="SAME"):
+  """Conv layer with logical axes ('conv_h', 'conv_w', 'embed', 'mlp'); kernel HWIO.
+
+  padding: "SAME" (default), "VALID", an int p (torch's padding=p: p zeros on every side), or
+  explicit ((top, bottom), (left, right)). "SAME" with stride 2 pads (0, 1), not torch's (1, 1).
+  """
   init = nn.initializers.zeros if zero else nn.initializers.variance_scaling(
       1.0, "fan_avg", "uniform")
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding="SAME",
+  if isinstance(padding, int):
+    padding = ((padding, padding), (padding, padding))
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
                  dtype=dtype, param_dtype=param_dtype, name=name,
                  kernel_init=_kinit(init, ("conv_h", "conv_w", "embed", "mlp")),
                  bias_init=_kinit(nn.initializers.zeros, ("bias",)))
 
 
-def group_norm(num_groups: int, *, param_dtype, name=None):
+def group_norm(num_groups: int, *, param_dtype, name=None, epsilon: float = 1e-5):
   """GroupNorm computed in float32 (statistics never in low precision)."""
-  return nn.GroupNorm(num_groups=num_groups, epsilon=1e-5, dtype=jnp.float32,
+  return nn.GroupNorm(num_groups=num_groups, epsilon=epsilon, dtype=jnp.float32,
                       param_dtype=param_dtype, name=name,
                       scale_init=_kinit(nn.initializers.ones, ("norm",)),
                       bias_init=_kinit(nn.initializers.zeros, ("norm",)))
+
+
+def layer_norm(*, param_dtype, name=None, epsilon: float = 1e-5):
+  """LayerNorm over the last axis, computed in float32; params `scale`, `bias` ('norm',)."""
+  return nn.LayerNorm(epsilon=epsilon, dtype=jnp.float32, param_dtype=param_dtype, name=name,
+                      scale_init=_kinit(nn.initializers.ones, ("norm",)),
+                      bias_init=_kinit(nn.initializers.zeros, ("norm",)))
+
+
+def embed(num_embeddings: int, features: int, *, dtype, param_dtype, name=None,
+          stddev: float = 0.02):
+  """Lookup table [num_embeddings, features] (param `embedding`), logical axes ('vocab', 'mlp')."""
+  return nn.Embed(num_embeddings, features, dtype=dtype, param_dtype=param_dtype, name=name,
+                  embedding_init=_kinit(nn.initializers.normal(stddev), ("vocab", "mlp")))
 
 
 def sinusoidal_embedding(x: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
