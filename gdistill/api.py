@@ -3,8 +3,11 @@
   model = gdistill.load("workdirs/digits")               # the last finished stage
   x = model.sample(np.arange(10), w=2.0)                 # float32 [10, 8, 8, 1] in [-1, 1]
   teacher = gdistill.load("workdirs/digits", "teacher")  # guided DDIM, 2 NFE per step
+  model = gdistill.load("workdirs/shapes")               # a latent text-to-image student
+  x = model.sample(prompts=["a red circle in the top left"], w=3.0, steps=4, rng=0)
+                                                         # decoded: float32 [1, 32, 32, 3]
 
-The model is rebuilt from <workdir>/config.json (written by train.prepare) with the
+The model is rebuilt from <workdir>/config.json (written by driver.prepare) with the
 architecture and schedule each export records in its metadata.json; parameters are replicated
 over all devices and every batch is split over them. One compiled sampler serves every step
 count (N is traced) for a given sampler kind and batch size.
@@ -13,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import warnings
 from typing import Optional, Sequence, Union
 
@@ -22,13 +24,12 @@ import jax
 import ml_collections
 import numpy as np
 
+from gdistill import autoencoding, conditioning
 from gdistill import checkpoint as ckpt_lib
-from gdistill import paths, sampling, sharding
+from gdistill import paths, sampling, schedules, sharding
 from gdistill.denoiser import Denoiser, build_denoiser
-from gdistill.train import example_shape, export_dir, is_finished
-
-STAGE_RE = re.compile(r"^(teacher|guided|progressive_([1-9][0-9]*))$")
-STAGE_HELP = "'teacher', 'guided', 'progressive_N' or 'latest'"
+from gdistill.plan import STAGE_HELP, STAGE_RE, plan_order
+from gdistill.stage_setup import data_shape, example_shape, export_dir, is_finished
 
 
 class StageNotFoundError(FileNotFoundError):
@@ -44,22 +45,21 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(paths.read_json(path))
 
 
-def _plan_order(name: str) -> tuple[int, int]:
-  m = STAGE_RE.match(name)
-  if m.group(2):
-    return (2, -int(m.group(2)))
-  return (0 if name == "teacher" else 1, 0)
-
-
 def finished_stages(workdir: str) -> list[str]:
-  """Names of the stages with a complete export, in plan order (teacher, guided, N desc)."""
-  names = [n for n in paths.listdir(workdir) if STAGE_RE.match(n) and is_finished(workdir, n)]
-  return sorted(names, key=_plan_order)
+  """Names of the stages that sample (not the autoencoder) with a complete export, in plan
+  order (teacher, guided, N desc)."""
+  names = [n for n in paths.listdir(workdir) if STAGE_RE.match(n) and n != "autoencoder"
+           and is_finished(workdir, n)]
+  return sorted(names, key=plan_order)
 
 
 def resolve_stage(workdir: str, stage: str = "latest") -> str:
   """The stage name `stage` means in this workdir; StageNotFoundError lists what exists."""
   available = finished_stages(workdir)
+  if stage == "autoencoder":
+    raise StageNotFoundError("stage 'autoencoder' does not sample: load a teacher or a student "
+                             f"(finished in {workdir}: {available or 'none'}); its export "
+                             "decodes their latents")
   if stage != "latest" and not STAGE_RE.match(stage):
     raise StageNotFoundError(f"stage={stage!r} is not a stage name; valid: {STAGE_HELP}. "
                              f"Finished exports in {workdir}: {available or 'none'}")
@@ -79,6 +79,8 @@ def _stage_config(config, metadata: dict) -> ml_collections.ConfigDict:
   it even if config.json was rewritten since)."""
   config = ml_collections.ConfigDict(config.to_dict())
   config.model.update(metadata["model"])
+  if metadata.get("text"):
+    config.text.update(metadata["text"])
   return config
 
 
@@ -88,10 +90,14 @@ _DENOISERS: dict = {}
 _SAMPLERS: dict = {}
 
 
-def _denoiser(model_cfg, w_conditioned: bool) -> Denoiser:
-  key = (json.dumps(model_cfg.to_dict(), sort_keys=True), w_conditioned)
+def _denoiser(config, metadata: dict, tokenizer) -> Denoiser:
+  w = bool(metadata["w_conditioned"])
+  key = json.dumps([config.model.to_dict(), config.text.to_dict(), metadata["schedule"], w,
+                    None if tokenizer is None else tokenizer.to_json()], sort_keys=True)
   if key not in _DENOISERS:
-    _DENOISERS[key] = build_denoiser(model_cfg, w_embedding=w_conditioned, dropout=0.0)
+    _DENOISERS[key] = build_denoiser(config.model, w_embedding=w, dropout=0.0,
+                                     schedule=schedules.from_dict(metadata["schedule"]),
+                                     text_cfg=config.text, tokenizer=tokenizer)
   return _DENOISERS[key]
 
 
@@ -121,15 +127,23 @@ def _to_host(x: jax.Array) -> np.ndarray:
 
 
 class Model:
-  """One exported stage, ready to sample. Build it with `gdistill.load`."""
+  """One exported stage, ready to sample. Build it with `gdistill.load`.
+
+  Class-conditional models sample from labels, text models from prompts (tokenized as the
+  model was trained); a latent model's samples are decoded by its autoencoder, so sample()
+  returns images either way.
+  """
 
   def __init__(self, *, workdir: str, stage: str, config, metadata: dict, params, mesh,
-               denoiser: Denoiser):
+               denoiser: Denoiser, tokenizer=None,
+               latents: Optional[autoencoding.Latents] = None):
     self.workdir, self.stage, self.config, self.metadata = workdir, stage, config, metadata
     self.params, self.mesh, self.denoiser = params, mesh, denoiser
-    self.example_shape = example_shape(config)
-    sched = metadata["schedule"]
-    self._logsnr = (float(sched["logsnr_min"]), float(sched["logsnr_max"]))
+    self.tokenizer, self.latents = tokenizer, latents
+    self.example_shape = example_shape(config)       # what the sampler produces
+    self.image_shape = data_shape(config)            # what sample() returns
+    self._decode = latents.decoder() if latents is not None else None
+    self.schedule = schedules.from_dict(metadata["schedule"])
     self._clip = (-1.0, 1.0) if config.diffusion.clip_x else None
 
   @property
@@ -158,7 +172,7 @@ class Model:
   def spec(self, sampler: str = "ddim") -> sampling.SamplerSpec:
     """Any sampler; for the teacher it runs on the guided x_hat^w (2 NFE per step)."""
     return sampling.SamplerSpec(sampler, guided=self.is_teacher, clip=self._clip,
-                                logsnr_min=self._logsnr[0], logsnr_max=self._logsnr[1])
+                                schedule=self.schedule)
 
   @property
   def w_range(self) -> Optional[tuple[float, float]]:
@@ -186,39 +200,62 @@ class Model:
     d = self.mesh.devices.size
     return max(d, -(-int(batch_size) // d) * d)
 
-  def sample(self, labels: Union[Sequence[int], np.ndarray], w: Union[float, np.ndarray] = 0.0,
-             steps: Optional[int] = None, sampler: str = "ddim", rng=None,
-             batch_size: Optional[int] = None) -> np.ndarray:
-    """Samples float32 [len(labels), *example_shape] in the data range ([-1, 1] for images).
+  @property
+  def text_conditioned(self) -> bool:
+    return self.denoiser.cond_field == "tokens"
 
-    w: guidance strength (scalar or one per label); x_w = (1 + w) x_cond - w x_uncond.
-    steps: N (None: the stage's default). sampler: 'ddim' or 'stochastic' (students only).
-    rng: an int seed or a jax key (None: seed 0); batch b uses fold_in(rng, b), so the same
-    rng, labels and batch_size give the same samples. The last batch is padded. A w outside
-    the range a student was trained on gives a UserWarning.
-    """
+  def conditions(self, labels=None, prompts=None) -> np.ndarray:
+    """What the sampler takes: labels int32 [n] (class models) or token ids [n, L] of the
+    prompts (text models); refuses the wrong kind or labels out of range."""
+    if self.text_conditioned:
+      if prompts is None or labels is not None:
+        raise ValueError(f"stage {self.stage!r} is a text-to-image model: pass prompts=[...] "
+                         "(a list of captions), not labels")
+      if isinstance(prompts, str):
+        prompts = [prompts]
+      return self.tokenizer.encode([str(p) for p in prompts])
+    if labels is None or prompts is not None:
+      raise ValueError(f"stage {self.stage!r} is class-conditional: pass labels (ints in "
+                       f"0..{self.num_classes - 1}), not prompts")
     labels = np.asarray(labels, np.int32).reshape(-1)
-    out = list(self.sample_batches(labels, w, steps, sampler, rng, batch_size))
-    return np.concatenate(out) if out else np.zeros((0,) + self.example_shape, np.float32)
+    if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
+      raise ValueError(f"labels span {labels.min()}..{labels.max()}; the model has "
+                       f"{self.num_classes} classes (0..{self.num_classes - 1})")
+    return labels
 
-  def sample_batches(self, labels, w=0.0, steps: Optional[int] = None, sampler: str = "ddim",
+  def sample(self, labels: Union[Sequence[int], np.ndarray, None] = None,
+             w: Union[float, np.ndarray] = 0.0, steps: Optional[int] = None,
+             sampler: str = "ddim", rng=None, batch_size: Optional[int] = None, *,
+             prompts: Optional[Sequence[str]] = None) -> np.ndarray:
+    """Samples float32 [n, *image_shape] in the data range ([-1, 1] for images), n =
+    len(labels) or len(prompts); a latent model's samples come decoded.
+
+    w: guidance strength (scalar or one per sample); x_w = (1 + w) x_cond - w x_uncond.
+    steps: N (None: the stage's default). sampler: 'ddim' or 'stochastic'.
+    rng: an int seed or a jax key (None: seed 0); batch b uses fold_in(rng, b), so the same
+    rng, conditions and batch_size give the same samples. The last batch is padded. A w
+    outside the range a student was trained on gives a UserWarning.
+    """
+    cond = self.conditions(labels, prompts)
+    out = list(self.sample_batches(cond, w, steps, sampler, rng, batch_size))
+    return np.concatenate(out) if out else np.zeros((0,) + self.image_shape, np.float32)
+
+  def sample_batches(self, cond, w=0.0, steps: Optional[int] = None, sampler: str = "ddim",
                      rng=None, batch_size: Optional[int] = None, start_batch: int = 0,
                      warn_w: bool = True):
     """Yields sample()'s output batch by batch from batch `start_batch` (a resumable loop:
-    batch b depends only on (rng, b, labels, w, steps), never on the batches before it).
+    batch b depends only on (rng, b, cond, w, steps), never on the batches before it).
+    cond: conditions() of the labels or prompts.
 
     With several processes every batch is split over all processes' devices and each process
     receives the whole batch (gathered), so every process gets the same samples.
     """
     if warn_w and self.w_outside_training(w):
       warnings.warn(self.w_outside_training(w), stacklevel=3)
-    labels = np.asarray(labels, np.int32).reshape(-1)
-    n = labels.shape[0]
+    cond = np.asarray(cond, np.int32)
+    n = cond.shape[0]
     if n == 0:
       return
-    if labels.min() < 0 or labels.max() >= self.num_classes:
-      raise ValueError(f"labels span {labels.min()}..{labels.max()}; the model has "
-                       f"{self.num_classes} classes (0..{self.num_classes - 1})")
     w = np.broadcast_to(np.asarray(w, np.float32), (n,))
     steps = self.default_steps if steps is None else int(steps)
     if steps < 1:
@@ -231,18 +268,22 @@ class Model:
       if b < start_batch:
         continue
       keep = min(bs, n - lo)
-      lab = np.zeros((bs,), np.int32)
-      lab[:keep] = labels[lo:lo + keep]
+      c = np.zeros((bs,) + cond.shape[1:], np.int32)
+      c[:keep] = cond[lo:lo + keep]
       ww = np.zeros((bs,), np.float32)
       ww[:keep] = w[lo:lo + keep]
-      x = fn(self.params, jax.random.fold_in(key, b), jax.device_put(lab, batch_sh),
+      x = fn(self.params, jax.random.fold_in(key, b), jax.device_put(c, batch_sh),
              jax.device_put(ww, batch_sh), np.int32(steps))
+      if self._decode is not None:
+        x = self._decode(x)
       yield np.asarray(_to_host(x), np.float32)[:keep]
 
   def compile(self, sampler: str = "ddim", batch_size: int = 1) -> None:
     """Compiles (by running one step) the sampler for this batch size, so timings skip it."""
-    self.sample(np.zeros((self.round_batch(batch_size),), np.int32), steps=1, sampler=sampler,
-                batch_size=batch_size)
+    bs = self.round_batch(batch_size)
+    cond = np.zeros((bs,) + self.denoiser.example_cond(1).shape[1:], np.int32)
+    list(self.sample_batches(cond, steps=1, sampler=sampler, batch_size=batch_size,
+                             warn_w=False))
 
   def _sampler(self, sampler: str):
     return _shared_sampler(self.denoiser, self.spec(sampler), self.example_shape)
@@ -262,11 +303,13 @@ def load(workdir: str, stage: str = "latest") -> Model:
   path = export_dir(workdir, name)
   metadata = ckpt_lib.load_export_metadata(path)
   config = _stage_config(read_config(workdir), metadata)
-  den = _denoiser(config.model, bool(metadata["w_conditioned"]))
+  tokenizer = conditioning.tokenizer_from_metadata(metadata.get("tokenizer"))
+  den = _denoiser(config, metadata, tokenizer)
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)))
   rep = sharding.replicated(mesh)
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
                           nn.unbox(den.init_abstract(example_shape(config))))
   params, metadata = ckpt_lib.load_export(path, abstract)
+  latents = autoencoding.maybe_load(config, workdir, data_shape(config), mesh)
   return Model(workdir=workdir, stage=name, config=config, metadata=metadata, params=params,
-               mesh=mesh, denoiser=den)
+               mesh=mesh, denoiser=den, tokenizer=tokenizer, latents=latents)

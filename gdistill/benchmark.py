@@ -42,7 +42,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from gdistill import config_lib, flops, losses, runtime, sampling, sharding, train
+from gdistill import config_lib, flops, losses, runtime, sampling, schedules, sharding, stage_setup, train
 from gdistill.benchmark_loader import LOADER_MODES, bench_loader, loader_markdown
 from gdistill.denoiser import student_params_from_teacher
 from gdistill.plan import Stage
@@ -99,7 +99,8 @@ def random_state(s: train.StageSetup, seed: int = 0) -> dict:
 
 
 def _random_params(den, config, mesh, seed: int):
-  abstract, shard, _ = train.abstract_params(den, config, mesh)
+  abstract, shard, _ = stage_setup.abstract_params(den, train.example_shape(config), config,
+                                                   mesh)
   return random_tree(abstract, seed), shard
 
 
@@ -109,11 +110,12 @@ def setup(config, stage: Stage, mesh, *, abstract_teacher: bool = False) -> trai
   s = train.setup_stage(config, "", _Parentless(stage.name, "teacher", stage.section,
                                                 stage.student_steps, None,
                                                 w=stage.w_conditioned), mesh)
-  teacher = train.teacher_denoiser(config, stage)
+  teacher = stage_setup.teacher_model(config, stage)
   if teacher is None:
     return s
   if abstract_teacher:
-    tp, t_shard, _ = train.abstract_params(teacher, config, mesh)
+    tp, t_shard, _ = stage_setup.abstract_params(teacher, train.example_shape(config), config,
+                                                 mesh)
   else:
     tp, t_shard = _random_params(teacher, config, mesh, seed=1)
   return dataclasses.replace(s, teacher=teacher, teacher_params=tp, teacher_shardings=t_shard)
@@ -244,7 +246,7 @@ def prepare_step(config, kind: str, mesh, *, memory_limit: int = 0) -> StepCase:
   batch_size = int(section.batch_size)
   s = setup(config, stage, mesh)
   state = random_state(s)
-  loss_fn = losses.make_loss(kind, student=s.student, teacher=s.teacher, dcfg=config.diffusion)
+  loss_fn = losses.make_loss(kind, student=s.student, teacher=s.teacher, config=config)
   step = train.make_train_step(loss_fn, s, section, mesh)
   batch = synthetic_batch(config, batch_size, mesh, stage.student_steps or 0)
   compiled, timings, xla_total, xla_mm = _compile(step, state, s.teacher_params, batch)
@@ -284,8 +286,8 @@ def bench_sampling(config, mesh, *, batch_size: int, num_steps: int, repeats: in
                    peak: float, memory_limit: int = 0) -> list[dict]:
   """Guided teacher at N steps (2N NFE) and the w-student at N and at end_steps (N NFE)."""
   shape = train.example_shape(config)
-  teacher = train.student_denoiser(config, Stage("teacher", "teacher", "teacher"))
-  student = train.student_denoiser(config, Stage("guided", "guided", "guided"))
+  teacher = stage_setup.student_model(config, Stage("teacher", "teacher", "teacher"))
+  student = stage_setup.student_model(config, Stage("guided", "guided", "guided"))
   tp, _ = _random_params(teacher, config, mesh, seed=1)
   sp = student_params_from_teacher(tp, _random_params(student, config, mesh, seed=2)[0])
   sh = sharding.batch_sharding(mesh)
@@ -298,8 +300,7 @@ def bench_sampling(config, mesh, *, batch_size: int, num_steps: int, repeats: in
       ("sample_teacher_guided", teacher, tp, True, (num_steps,)),
       ("sample_student", student, sp, False, (num_steps,) + ((end,) if end != num_steps else ()))):
     spec = sampling.SamplerSpec("ddim", guided=guided, clip=clip,
-                                logsnr_min=config.diffusion.logsnr_min,
-                                logsnr_max=config.diffusion.logsnr_max)
+                                schedule=schedules.from_config(config.diffusion))
     fn = sampling.make_sampler(den, spec, shape)
     args = (params, jax.random.key(0), labels, w)
     compiled, timings, xla_total, xla_mm = _compile(fn, *args, jnp.int32(num_steps))

@@ -28,15 +28,18 @@ def abstract_setup(config, stage: Stage, mesh) -> train.StageSetup:
   return train.setup_stage(config, "", stage, mesh, abstract_parent=True)
 
 
-def abstract_batch(config, stage: Stage, mesh) -> dict:
-  """The step's batch as ShapeDtypeStructs: examples split over the batch axes, scalars."""
+def abstract_batch(config, stage: Stage, mesh, s: train.StageSetup) -> dict:
+  """The step's batch as ShapeDtypeStructs: examples (latents for a latent model) and their
+  condition ('label' [B] or 'tokens' [B, L]) split over the batch axes, the scalars."""
   b = int(config[stage.section].batch_size)
   bs, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  return {"x": jax.ShapeDtypeStruct((b,) + train.example_shape(config), jnp.float32,
-                                    sharding=bs),
-          "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=bs),
-          "student_steps": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
-          "seed": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)}
+  cond = {"label": (b,), "tokens": (b, int(config.text.max_length))}
+  out = {"x": jax.ShapeDtypeStruct((b,) + s.shape, jnp.float32, sharding=bs),
+         "student_steps": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
+         "seed": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)}
+  out.update({k: jax.ShapeDtypeStruct(cond[k], jnp.int32, sharding=bs)
+              for k in s.batch_fields if k != "x"})
+  return out
 
 
 def per_device_bytes(tree) -> int:
@@ -70,10 +73,11 @@ def compile_stage(config, stage: Stage, mesh) -> dict:
   s = abstract_setup(config, stage, mesh)
   section = config[stage.section]
   loss_fn = losses.make_loss(stage.kind, student=s.student, teacher=s.teacher,
-                             dcfg=config.diffusion)
+                             config=config)
   step = train.make_train_step(loss_fn, s, section, mesh)
   t0 = time.time()
-  lowered = step.lower(s.abstract_state, s.teacher_params, abstract_batch(config, stage, mesh))
+  lowered = step.lower(s.abstract_state, s.teacher_params,
+                       abstract_batch(config, stage, mesh, s))
   t1 = time.time()
   compiled = lowered.compile()
   t2 = time.time()

@@ -16,11 +16,14 @@ import math
 
 import ml_collections
 
-STAGES = ("teacher", "guided", "progressive", "pipeline")
+STAGES = ("autoencoder", "teacher", "guided", "progressive", "pipeline")
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("constant", "cosine", "linear")
-MODELS = ("unet", "mlp")
-DATASETS = ("digits", "toy2d", "cifar10", "imagenet64")
+MODELS = ("unet", "mlp", "unet2d_condition")
+DATASETS = ("digits", "toy2d", "cifar10", "imagenet64", "shapes")
+CONDITIONING = ("label", "text")
+BLOCK_TYPES = {"down": ("CrossAttnDownBlock2D", "DownBlock2D"),
+               "up": ("CrossAttnUpBlock2D", "UpBlock2D")}
 
 
 class ConfigError(ValueError):
@@ -62,11 +65,42 @@ def base_config():
   c.data = dict(name="digits", data_dir="", split="train", random_flip=False, num_classes=10,
                 normalize_on_device=True, tf_intra_op_threads=1, tf_inter_op_threads=1,
                 tf_hide_accelerators=True)
-  c.model = dict(name="unet", ch=64, ch_mult=(1, 2), num_res_blocks=2, attn_resolutions=(4,),
-                 head_dim=32, dropout=0.1, num_groups=32, resblock_updown=True, remat=False,
-                 num_classes=10, channels=1, image_size=8, parametrization="v",
-                 w_scale=4.0, dtype="float32", param_dtype="float32")
-  c.diffusion = dict(logsnr_min=-20.0, logsnr_max=20.0, weighting="snr_trunc", clip_x=True,
+  # name 'unet' (ADM, logSNR input) / 'mlp': pixel space, class labels (conditioning 'label').
+  # name 'unet2d_condition': Stable Diffusion's U-Net (diffusers' UNet2DConditionModel keys
+  # below, discrete timestep input) conditioned on text through config.text's CLIP encoder;
+  # time_cond_proj_dim: the students' w-embedding (diffusers' convention). channels and
+  # image_size: what the network sees (the latents when config.vae.enabled).
+  # attention_impl: '' (XLA) | 'cudnn' | 'reference' (jax.nn.dot_product_attention).
+  c.model = dict(name="unet", conditioning="label", ch=64, ch_mult=(1, 2), num_res_blocks=2,
+                 attn_resolutions=(4,), head_dim=32, dropout=0.1, num_groups=32,
+                 resblock_updown=True, remat=False, num_classes=10, channels=1, image_size=8,
+                 parametrization="v", w_scale=4.0, dtype="float32", param_dtype="float32",
+                 block_out_channels=(32, 64),
+                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+                 attention_head_dim=4, time_cond_proj_dim=256, use_linear_projection=False,
+                 attention_impl="")
+  # The text encoder of model.conditioning='text': CLIP's text transformer, trained jointly with
+  # the teacher (GLIDE) and frozen afterwards; a word-level tokenizer of the dataset's vocabulary
+  # with CLIP's conventions (BOS, EOS, EOS padding to max_length).
+  c.text = dict(max_length=77, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                num_attention_heads=4, hidden_act="quick_gelu")
+  # Latent diffusion (vae.enabled): every diffusion stage runs on scaling_factor * the
+  # AutoencoderKL posterior mean of the images. The autoencoder is the plan's 'autoencoder' stage
+  # (config.autoencoder: its training), or an existing autoencoder export (vae.init_from).
+  # image_size/image_channels: the dataset's images (the autoencoder's input).
+  c.vae = dict(enabled=False, init_from="", image_size=32, image_channels=3,
+               block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=4,
+               norm_num_groups=8)
+  c.autoencoder = train_section(num_steps=2000, batch_size=64, lr=1e-3, warmup_steps=100,
+                                schedule="cosine", ema_decay=0.0)
+  c.autoencoder.kl_weight = 1e-6      # KL(q(z|x) || N(0, I)) per latent element, vs pixel MSE
+  c.autoencoder.scale_examples = 4096  # training images whose latents set the scaling factor
+  # schedule: 'cosine' (logsnr_min/max) or a discrete one, 'scaled_linear' | 'linear'
+  # (num_train_timesteps, beta_start, beta_end): gdistill/schedules.py.
+  c.diffusion = dict(schedule="cosine", logsnr_min=-20.0, logsnr_max=20.0,
+                     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                     weighting="snr_trunc", clip_x=True,
                      p_uncond=0.1, w_min=0.0, w_max=4.0)
   c.teacher = train_section(num_steps=1000, batch_size=128, lr=3e-4, warmup_steps=100,
                             ema_decay=0.999, dropout=None)
@@ -101,7 +135,8 @@ def base_config():
 
 
 # Every config key that holds a path (resolve_paths makes them absolute at the entry points).
-PATH_KEYS = ("init_from", "data.data_dir", "sample.out", "eval.inception_weights")
+PATH_KEYS = ("init_from", "data.data_dir", "sample.out", "eval.inception_weights",
+             "vae.init_from")
 
 
 def resolve_paths(c):
@@ -128,12 +163,33 @@ def config_hash(section) -> str:
 ARCH_KEYS = ("name", "ch", "ch_mult", "num_res_blocks", "attn_resolutions", "head_dim",
              "num_groups", "resblock_updown", "num_classes", "channels", "image_size",
              "parametrization", "w_scale", "param_dtype")
+# unet2d_condition adds these (pixel models keep their hash: old exports still fit).
+SD_ARCH_KEYS = ("conditioning", "block_out_channels", "down_block_types", "up_block_types",
+                "layers_per_block", "attention_head_dim", "time_cond_proj_dim",
+                "use_linear_projection")
+TEXT_ARCH_KEYS = ("max_length", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "hidden_act")
+VAE_ARCH_KEYS = ("image_channels", "block_out_channels", "layers_per_block", "latent_channels",
+                 "norm_num_groups")
+
+
+def _pick(section, keys) -> dict:
+  d = section.to_dict() if hasattr(section, "to_dict") else dict(section)
+  return {k: (list(d[k]) if isinstance(d[k], (tuple, list)) else d[k]) for k in keys}
 
 
 def arch_dict(model_cfg) -> dict:
   """The model keys that fix the parameters (not dropout, compute dtype or remat)."""
-  d = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
-  return {k: (list(d[k]) if isinstance(d[k], (tuple, list)) else d[k]) for k in ARCH_KEYS}
+  keys = ARCH_KEYS + (SD_ARCH_KEYS if model_cfg["name"] == "unet2d_condition" else ())
+  return _pick(model_cfg, keys)
+
+
+def text_arch_dict(text_cfg) -> dict:
+  return _pick(text_cfg, TEXT_ARCH_KEYS)
+
+
+def vae_arch_dict(vae_cfg) -> dict:
+  return _pick(vae_cfg, VAE_ARCH_KEYS)
 
 
 def arch_hash(model_cfg) -> str:
@@ -185,6 +241,13 @@ def validate(c, *, num_devices: int, num_processes: int = 1, dataset_info=None):
   _need(dcfg.w_min >= 0.0, "diffusion.w_min", dcfg.w_min, "guidance strength w must be >= 0")
   _need(dcfg.logsnr_min < dcfg.logsnr_max, "diffusion.logsnr_min", dcfg.logsnr_min,
         f"must be < diffusion.logsnr_max={dcfg.logsnr_max}")
+  from gdistill import schedules
+  _need(dcfg.schedule in schedules.KINDS, "diffusion.schedule", dcfg.schedule,
+        f"one of {schedules.KINDS}")
+  _need(dcfg.num_train_timesteps >= 2, "diffusion.num_train_timesteps",
+        dcfg.num_train_timesteps, "must be >= 2")
+  _need(0.0 < dcfg.beta_start < dcfg.beta_end < 1.0, "diffusion.beta_start", dcfg.beta_start,
+        f"need 0 < beta_start < beta_end={dcfg.beta_end} < 1")
   _need(m.w_scale > 0, "model.w_scale", m.w_scale, "must be > 0")
   p = c.progressive
   _need(_is_pow2(p.start_steps), "progressive.start_steps", p.start_steps,
@@ -251,9 +314,9 @@ def validate(c, *, num_devices: int, num_processes: int = 1, dataset_info=None):
       _need(s in sampling.SAMPLERS, f"eval.{key}", tuple(c.eval[key]),
             f"each one of {sampling.SAMPLERS}")
   _need(math.isfinite(c.sample.w) and c.sample.w >= 0, "sample.w", c.sample.w, "must be >= 0")
-  from gdistill import api
-  _need(c.sample.stage == "latest" or bool(api.STAGE_RE.match(c.sample.stage)), "sample.stage",
-        c.sample.stage, api.STAGE_HELP)
+  from gdistill import plan
+  _need(c.sample.stage == "latest" or bool(plan.STAGE_RE.match(c.sample.stage)), "sample.stage",
+        c.sample.stage, plan.STAGE_HELP)
   _need(c.sample.steps >= 0, "sample.steps", c.sample.steps, "must be >= 0 (0: the stage's own)")
   for k in ("num_samples", "batch_size"):
     _need(c.sample[k] >= 1, f"sample.{k}", c.sample[k], "must be >= 1")

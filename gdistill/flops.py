@@ -159,6 +159,7 @@ def backward_flops(model_cfg, w_embedding: bool = False) -> int:
 
 
 STEP_KINDS = ("teacher", "guided", "progressive")
+MODELS = ("unet", "mlp")  # the architectures with an analytic FLOP count
 
 
 def step_flops_breakdown(config, kind: str) -> dict:

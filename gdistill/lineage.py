@@ -14,7 +14,7 @@ import json
 import time
 from typing import Optional
 
-from gdistill import config_lib
+from gdistill import config_lib, schedules
 from gdistill.plan import Stage
 
 FORMAT_VERSION = 1
@@ -37,10 +37,12 @@ def export_metadata(config, stage: Stage, *, train_steps: int, parent: Optional[
       "w_conditioned": stage.w_conditioned,
       "w_range": [float(d.w_min), float(d.w_max)] if stage.w_conditioned else None,
       "parametrization": config.model.parametrization,
-      "schedule": {"name": "cosine", "logsnr_min": float(d.logsnr_min),
-                   "logsnr_max": float(d.logsnr_max)},
+      "schedule": schedules.from_config(d).to_dict(),
       "model": config_lib.arch_dict(config.model),
       "model_hash": config_lib.arch_hash(config.model),
+      "text": (config_lib.text_arch_dict(config.text)
+               if config.model.conditioning == "text" else None),
+      "latent": bool(config.vae.enabled) and stage.kind != "autoencoder",
       "config_hash": config_lib.config_hash(config),
       "dataset": config.data.name,
       "train_steps": int(train_steps),
@@ -58,6 +60,11 @@ class LineageError(ValueError):
 def check_parent(stage: Stage, config, parent: dict, parent_path: str) -> None:
   """Refuses a parent that does not fit, naming what was expected and what was found."""
   want_hash = config_lib.arch_hash(config.model)
+  want_text = (config_lib.text_arch_dict(config.text)
+               if config.model.conditioning == "text" else None)
+  if parent.get("text") != want_text:
+    raise LineageError(f"{parent_path} has another text encoder than config.text (stage "
+                       f"{stage.name}): expected {want_text}, found {parent.get('text')}")
   if parent.get("model_hash") != want_hash:
     found, want = parent.get("model", {}), config_lib.arch_dict(config.model)
     diffs = [f"model.{k}: expected {want.get(k)!r}, found {found.get(k)!r}"

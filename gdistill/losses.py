@@ -2,9 +2,11 @@
 
 Each loss has the signature
   loss_fn(params, teacher_params, batch, rng) -> (loss scalar, aux dict of scalars)
-with batch = {'x': [B, ...] in [-1, 1], 'label': [B] int, 'student_steps': int32 []} (the
-last is the round's N, read by progressive losses only). teacher_params is None for the
-teacher stage. The teacher's forwards run in inference mode under stop_gradient.
+with batch = {'x': [B, ...] (images in [-1, 1], or latents), the condition field ('label' [B]
+int or 'tokens' [B, L] int, Denoiser.cond_field), 'student_steps': int32 []} (the last is the
+round's N, read by progressive losses only). teacher_params is None for the autoencoder and
+the teacher. The teacher's forwards run in inference mode under stop_gradient; its encoding of
+the condition (a text model's text encoder) is computed once and shared with the student.
 """
 from __future__ import annotations
 
@@ -13,28 +15,46 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from gdistill import diffusion
+from gdistill import diffusion, schedules
 from gdistill.denoiser import Denoiser
 
 
 def _schedule(dcfg):
-  return lambda t: diffusion.logsnr_schedule_cosine(t, dcfg.logsnr_min, dcfg.logsnr_max)
+  return schedules.from_config(dcfg).logsnr
+
+
+def autoencoder_loss(model, acfg) -> Callable:
+  """AutoencoderKL: pixel MSE of the decoded posterior sample + kl_weight * KL(q(z|x) || N(0, I))
+  (mean over latent elements); aux: the MSE, the KL and the PSNR of the batch."""
+  kl_weight = float(acfg.kl_weight)
+
+  def loss_fn(params, teacher_params, batch, rng):
+    del teacher_params
+    x = batch["x"]
+    recon, mean, logvar = model.module.apply({"params": params}, x, sample_posterior=True,
+                                             rng=rng)
+    mse = jnp.mean(jnp.square(recon - x))
+    kl = 0.5 * jnp.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
+    psnr = 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-12))
+    return mse + kl_weight * kl, {"mse": mse, "kl": kl, "psnr": psnr}
+  return loss_fn
 
 
 def teacher_loss(student: Denoiser, dcfg) -> Callable:
-  """Classifier-free guided teacher: labels dropped to null with probability p_uncond."""
+  """Classifier-free guided teacher: the condition dropped to null with probability p_uncond
+  (the null label, or the empty caption, whose encoding the text encoder learns too)."""
   sched = _schedule(dcfg)
 
   def loss_fn(params, teacher_params, batch, rng):
     del teacher_params
-    x, label = batch["x"], batch["label"]
+    x = batch["x"]
     b = x.shape[0]
     r_t, r_eps, r_drop, r_dropout = jax.random.split(rng, 4)
     logsnr = sched(jax.random.uniform(r_t, (b,)))
     z = diffusion.diffuse(x, jax.random.normal(r_eps, x.shape), logsnr)
     drop = jax.random.bernoulli(r_drop, dcfg.p_uncond, (b,))
-    label = jnp.where(drop, student.null_label, label)
-    x_pred = student.x_pred(params, z, logsnr, label, train=True, rngs={"dropout": r_dropout})
+    cond = student.encode_cond(params, batch[student.cond_field], drop)
+    x_pred = student.x_pred(params, z, logsnr, cond, train=True, rngs={"dropout": r_dropout})
     per_ex = diffusion.weighted_x_loss(x_pred, x, logsnr, dcfg.weighting)
     return jnp.mean(per_ex), {"x_mse": jnp.mean(jnp.square(x_pred - x))}
   return loss_fn
@@ -45,14 +65,15 @@ def guided_loss(student: Denoiser, teacher: Denoiser, dcfg) -> Callable:
   sched = _schedule(dcfg)
 
   def loss_fn(params, teacher_params, batch, rng):
-    x, label = batch["x"], batch["label"]
+    x = batch["x"]
     b = x.shape[0]
     r_t, r_eps, r_w, r_dropout = jax.random.split(rng, 4)
     logsnr = sched(jax.random.uniform(r_t, (b,)))
     w = jax.random.uniform(r_w, (b,), minval=dcfg.w_min, maxval=dcfg.w_max)
     z = diffusion.diffuse(x, jax.random.normal(r_eps, x.shape), logsnr)
-    target = jax.lax.stop_gradient(teacher.guided_x_pred(teacher_params, z, logsnr, label, w))
-    x_pred = student.x_pred(params, z, logsnr, label, w, train=True,
+    cond = jax.lax.stop_gradient(teacher.encode_cond(teacher_params, batch[teacher.cond_field]))
+    target = jax.lax.stop_gradient(teacher.guided_x_pred(teacher_params, z, logsnr, cond, w))
+    x_pred = student.x_pred(params, z, logsnr, cond, w, train=True,
                             rngs={"dropout": r_dropout})
     per_ex = diffusion.weighted_x_loss(x_pred, target, logsnr, dcfg.weighting)
     return jnp.mean(per_ex), {"x_mse": jnp.mean(jnp.square(x_pred - target))}
@@ -80,7 +101,7 @@ def progressive_loss(student: Denoiser, teacher: Denoiser, dcfg, clip_x: bool) -
   sched = _schedule(dcfg)
 
   def loss_fn(params, teacher_params, batch, rng):
-    x, label, steps = batch["x"], batch["label"], batch["student_steps"]
+    x, steps = batch["x"], batch["student_steps"]
     b = x.shape[0]
     n = steps.astype(jnp.float32)
     r_i, r_eps, r_w, r_dropout = jax.random.split(rng, 4)
@@ -89,24 +110,29 @@ def progressive_loss(student: Denoiser, teacher: Denoiser, dcfg, clip_x: bool) -
     lt, lt1, lt2 = sched(t), sched(t - 0.5 / n), sched(t - 1.0 / n)
     w = jax.random.uniform(r_w, (b,), minval=dcfg.w_min, maxval=dcfg.w_max)
     z_t = diffusion.diffuse(x, jax.random.normal(r_eps, x.shape), lt)
+    cond = jax.lax.stop_gradient(teacher.encode_cond(teacher_params, batch[teacher.cond_field]))
 
     def teacher_x(z, logsnr):
-      xh = teacher.x_pred(teacher_params, z, logsnr, label, w)
+      xh = teacher.x_pred(teacher_params, z, logsnr, cond, w)
       return jnp.clip(xh, -1.0, 1.0) if clip_x else xh
 
     target = jax.lax.stop_gradient(progressive_target(teacher_x, z_t, lt, lt1, lt2, i == 0))
-    x_pred = student.x_pred(params, z_t, lt, label, w, train=True, rngs={"dropout": r_dropout})
+    x_pred = student.x_pred(params, z_t, lt, cond, w, train=True, rngs={"dropout": r_dropout})
     per_ex = diffusion.weighted_x_loss(x_pred, target, lt, dcfg.weighting)
     return jnp.mean(per_ex), {"x_mse": jnp.mean(jnp.square(x_pred - target))}
   return loss_fn
 
 
-def make_loss(kind: str, *, student: Denoiser, teacher: Denoiser | None, dcfg) -> Callable:
-  """The loss of a stage kind: 'teacher' | 'guided' | 'progressive'."""
+def make_loss(kind: str, *, student, teacher: Denoiser | None, config) -> Callable:
+  """The loss of a stage kind: 'autoencoder' | 'teacher' | 'guided' | 'progressive'."""
+  dcfg = config.diffusion
+  if kind == "autoencoder":
+    return autoencoder_loss(student, config.autoencoder)
   if kind == "teacher":
     return teacher_loss(student, dcfg)
   if kind == "guided":
     return guided_loss(student, teacher, dcfg)
   if kind == "progressive":
     return progressive_loss(student, teacher, dcfg, bool(dcfg.clip_x))
-  raise ValueError(f"unknown stage kind {kind!r}; valid: teacher, guided, progressive")
+  raise ValueError(f"unknown stage kind {kind!r}; valid: autoencoder, teacher, guided, "
+                   "progressive")

@@ -78,7 +78,7 @@ def _run(workdir: str) -> None:
   distributed.initialize(launch, heartbeat_timeout_s=FLAGS.heartbeat_timeout_s,
                          initialization_timeout_s=FLAGS.initialization_timeout_s,
                          local_device_count=FLAGS.local_device_count)
-  from gdistill import checkpoint, config_lib, lineage, preemption, runtime, train
+  from gdistill import checkpoint, config_lib, driver, lineage, preemption, runtime, train
   config = config_lib.resolve_paths(FLAGS.config)
   cache_ok = distributed.persistent_cache_safe(launch)
   if cache_ok:
@@ -98,7 +98,7 @@ def _run(workdir: str) -> None:
       from gdistill import compile_check
       compile_check.run(config, workdir)
     elif FLAGS.mode == "train":
-      train.train_and_evaluate(config, workdir)
+      driver.train_and_evaluate(config, workdir)
     elif FLAGS.mode == "sample":
       from gdistill import evaluate
       evaluate.sample_to_file(config, workdir)

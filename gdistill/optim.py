@@ -23,10 +23,16 @@ def lr_schedule(section) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), main], [warm])
 
 
-def make_optimizer(section) -> optax.GradientTransformation:
-  """Adam with the schedule and global-norm clipping."""
-  return optax.chain(optax.clip_by_global_norm(float(section.grad_clip)),
+def make_optimizer(section, frozen: tuple[str, ...] = ()) -> optax.GradientTransformation:
+  """Adam with the schedule and global-norm clipping. frozen: top-level parameter groups that
+  keep their values (no update, no optimizer state, outside the clipping norm)."""
+  adam = optax.chain(optax.clip_by_global_norm(float(section.grad_clip)),
                      optax.adam(lr_schedule(section), b1=float(section.b1), b2=float(section.b2)))
+  if not frozen:
+    return adam
+  labels = lambda params: {k: jax.tree.map(lambda _: "frozen" if k in frozen else "train", v)
+                           for k, v in params.items()}
+  return optax.multi_transform({"train": adam, "frozen": optax.set_to_zero()}, labels)
 
 
 def ema_decay_at(step, decay: float):

@@ -2,7 +2,8 @@
 
 The step count N is a traced value (a while loop with a dynamic trip count), so one compile of
 a sampler serves every N for a given batch shape. Time grid t_i = i / N, i = N .. 1, logSNR
-from the cosine schedule. NFE: N for a student, 2 N for a guided teacher (cond + uncond).
+from the model's schedule (gdistill/schedules.py). NFE: N for a student, 2 N for a guided
+teacher (cond + uncond), with either sampler.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from gdistill import diffusion
+from gdistill import diffusion, schedules
 from gdistill.denoiser import Denoiser
 
 SAMPLERS = ("ddim", "stochastic")
@@ -24,8 +25,7 @@ class SamplerSpec:
   kind: str = "ddim"
   guided: bool = False
   clip: Optional[tuple[float, float]] = (-1.0, 1.0)
-  logsnr_min: float = -20.0
-  logsnr_max: float = 20.0
+  schedule: schedules.Schedule = schedules.Schedule()
 
   def __post_init__(self):
     if self.kind not in SAMPLERS:
@@ -39,12 +39,12 @@ class SamplerSpec:
     return self.nfe_per_step * int(num_steps)
 
 
-def _x_fn(denoiser: Denoiser, spec: SamplerSpec, params, labels, w) -> Callable:
+def _x_fn(denoiser: Denoiser, spec: SamplerSpec, params, cond, w) -> Callable:
   def x_hat(z, logsnr):
     if spec.guided:
-      x = denoiser.guided_x_pred(params, z, logsnr, labels, w)
+      x = denoiser.guided_x_pred(params, z, logsnr, cond, w)
     else:
-      x = denoiser.x_pred(params, z, logsnr, labels, w)
+      x = denoiser.x_pred(params, z, logsnr, cond, w)
     if spec.clip is not None:
       x = jnp.clip(x, spec.clip[0], spec.clip[1])
     return x
@@ -52,12 +52,11 @@ def _x_fn(denoiser: Denoiser, spec: SamplerSpec, params, labels, w) -> Callable:
 
 
 def sample_loop(x_hat: Callable, z1, num_steps, rng, *, kind: str = "ddim",
-                logsnr_min: float = -20.0, logsnr_max: float = 20.0):
+                schedule: schedules.Schedule = schedules.Schedule()):
   """Runs N = num_steps (traced) sampler steps from z1 at t = 1; returns x at t = 0."""
   n = jnp.asarray(num_steps, jnp.int32)
   b = z1.shape[0]
-  sched = lambda t: jnp.full((b,), diffusion.logsnr_schedule_cosine(
-      t, logsnr_min, logsnr_max), jnp.float32)
+  sched = lambda t: jnp.full((b,), schedule.logsnr(t), jnp.float32)
 
   def body(k, z):
     i = n - k                                   # current grid index, N .. 1
@@ -82,17 +81,20 @@ def sample_loop(x_hat: Callable, z1, num_steps, rng, *, kind: str = "ddim",
 
 
 def make_sampler(denoiser: Denoiser, spec: SamplerSpec, example_shape: tuple[int, ...]):
-  """Jitted fn(params, rng, labels [B], w [B], num_steps) -> samples [B, *example_shape].
+  """Jitted fn(params, rng, cond [B] labels or [B, L] tokens, w [B], num_steps) -> samples
+  [B, *example_shape] (latents for a latent model).
 
+  The condition is encoded once (a text model's encoder runs before the loop, not per step);
   num_steps is traced: one compilation per batch size serves every N.
   """
-  def run(params, rng, labels, w, num_steps):
-    b = labels.shape[0]
+  def run(params, rng, cond_input, w, num_steps):
+    b = cond_input.shape[0]
     w = jnp.broadcast_to(jnp.asarray(w, jnp.float32), (b,))
     rng_init, rng_steps = jax.random.split(rng)
     z1 = jax.random.normal(rng_init, (b,) + tuple(example_shape), jnp.float32)
-    return sample_loop(_x_fn(denoiser, spec, params, labels, w), z1, num_steps, rng_steps,
-                       kind=spec.kind, logsnr_min=spec.logsnr_min, logsnr_max=spec.logsnr_max)
+    cond = denoiser.encode_cond(params, cond_input)
+    return sample_loop(_x_fn(denoiser, spec, params, cond, w), z1, num_steps, rng_steps,
+                       kind=spec.kind, schedule=spec.schedule)
   return jax.jit(run)
 
 

@@ -1,158 +1,33 @@
-"""The one training loop (every stage) and the driver that walks the plan.
+"""The one training loop: every stage of the plan trains through run_stage.
 
-run_stage(config, workdir, stage, mesh) trains one stage of the plan to its export:
-  sharded init (or strict resume from the latest usable checkpoint), a jitted step with
-  explicit in/out shardings and donation, periodic async checkpoints, dashboards, sample grids,
-  and finally the export (EMA parameters when EMA is on) with lineage metadata.
-train_and_evaluate(config, workdir) validates the config, builds the mesh and walks the plan,
-skipping finished stages and resuming the unfinished one at its last committed step.
+run_stage(config, workdir, stage, mesh) trains one stage to its export: sharded init (or strict
+resume from the latest usable checkpoint, refusing changed hyperparameters), a jitted step with
+explicit in/out shardings and donation, periodic async checkpoints, dashboards, sample grids,
+and finally the export (EMA parameters when EMA is on) with lineage metadata. What differs
+between stage kinds is data and small functions chosen by kind (gdistill/stage_setup.py,
+losses.py, previews.py), never a branch here. gdistill/driver.py walks the plan.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
-import zlib
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from gdistill import autoencoding, conditioning, config_lib, data, dashboard, lineage, losses
+from gdistill import optim, preemption, previews, sharding
 from gdistill import checkpoint as ckpt_lib
-from gdistill import config_lib, data, dashboard, lineage, losses, optim, paths, sharding
-from gdistill import sampling
-from gdistill import preemption
-from gdistill.denoiser import Denoiser, build_denoiser, student_params_from_teacher
-from gdistill.plan import Stage, make_plan
+from gdistill.plan import Stage
+from gdistill.stage_setup import (StageSetup, data_shape, example_shape, export_dir,  # noqa: F401
+                                  init_state, is_finished, setup_stage, stage_dir, stage_seed)
 
 
 class NonFiniteError(RuntimeError):
   """Too many consecutive steps with a non-finite loss or gradient."""
-
-
-def example_shape(config) -> tuple[int, ...]:
-  m = config.model
-  return (m.image_size, m.image_size, m.channels) if m.name == "unet" else (m.channels,)
-
-
-def stage_dir(workdir: str, name: str) -> str:
-  return os.path.join(workdir, name)
-
-
-def export_dir(workdir: str, name: str) -> str:
-  return os.path.join(workdir, name, "export")
-
-
-def is_finished(workdir: str, name: str) -> bool:
-  return paths.exists(os.path.join(export_dir(workdir, name), "metadata.json"))
-
-
-def stage_seed(config, stage: Stage) -> int:
-  return (int(config.seed) * 1_000_003 + zlib.crc32(stage.name.encode())) % (2 ** 31)
-
-
-def student_denoiser(config, stage: Stage) -> Denoiser:
-  return build_denoiser(config.model, w_embedding=stage.w_conditioned,
-                        dropout=config[stage.section].dropout)
-
-
-def teacher_denoiser(config, stage: Stage) -> Optional[Denoiser]:
-  """The frozen model a stage distils: the plain teacher for 'guided', the previous round's
-  w-conditioned model for 'progressive'; None for the teacher stage."""
-  if stage.kind == "teacher":
-    return None
-  return build_denoiser(config.model, w_embedding=stage.kind == "progressive", dropout=0.0)
-
-
-def parent_path(config, workdir: str, stage: Stage) -> Optional[str]:
-  if stage.kind == "teacher":
-    return None
-  if stage.parent is None:
-    if not config.init_from:
-      raise config_lib.ConfigError(
-          f"stage {stage.name} needs a parent export: set --config.init_from=PATH (an export "
-          "dir with metadata.json) or run config.stage=pipeline")
-    return config.init_from
-  return export_dir(workdir, stage.parent)
-
-
-def abstract_params(den: Denoiser, config, mesh):
-  """(unboxed ShapeDtypeStructs with shardings, shardings, boxed abstract)."""
-  boxed = den.init_abstract(example_shape(config))
-  shard = sharding.logical_shardings(boxed, mesh, config.logical_axis_rules)
-  return sharding.with_shardings(nn.unbox(boxed), shard), shard, boxed
-
-
-@dataclasses.dataclass
-class StageSetup:
-  """Everything run_stage builds before its first step."""
-  student: Denoiser
-  teacher: Optional[Denoiser]
-  teacher_params: Any
-  parent_meta: Optional[dict]
-  parent_path: Optional[str]
-  optimizer: optax.GradientTransformation
-  state_shardings: dict
-  abstract_state: dict
-  teacher_shardings: Any
-
-
-def setup_stage(config, workdir: str, stage: Stage, mesh, *,
-                abstract_parent: bool = False) -> StageSetup:
-  """Models, parent (checked and loaded), optimizer and the sharded abstract state.
-
-  abstract_parent: the parent's parameters as sharded ShapeDtypeStructs and no file read
-  (--mode=compile lowers the step without any export).
-  """
-  section = config[stage.section]
-  student = student_denoiser(config, stage)
-  teacher = teacher_denoiser(config, stage)
-  ppath = None if abstract_parent else parent_path(config, workdir, stage)
-  teacher_params = parent_meta = t_shard = None
-  if abstract_parent and teacher is not None:
-    teacher_params, t_shard, _ = abstract_params(teacher, config, mesh)
-  if ppath is not None:
-    parent_meta = ckpt_lib.load_export_metadata(ppath)
-    lineage.check_parent(stage, config, parent_meta, ppath)
-    t_abs, t_shard, _ = abstract_params(teacher, config, mesh)
-    teacher_params, _ = ckpt_lib.load_export(ppath, t_abs)
-  optimizer = optim.make_optimizer(section)
-  p_abs, p_shard, boxed = abstract_params(student, config, mesh)
-  opt_boxed = jax.eval_shape(optimizer.init, boxed)
-  opt_shard = sharding.logical_shardings(opt_boxed, mesh, config.logical_axis_rules)
-  opt_abs = sharding.with_shardings(nn.unbox(opt_boxed), opt_shard)
-  rep = sharding.replicated(mesh)
-  shardings = {"step": rep, "skipped": rep, "params": p_shard, "opt_state": opt_shard}
-  scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
-  abstract = {"step": scalar, "skipped": scalar, "params": p_abs, "opt_state": opt_abs}
-  if section.ema_decay > 0:
-    shardings["ema"], abstract["ema"] = p_shard, p_abs
-  return StageSetup(student, teacher, teacher_params, parent_meta, ppath, optimizer,
-                    shardings, abstract, t_shard)
-
-
-def init_state(config, stage: Stage, s: StageSetup):
-  """Fresh sharded state: the teacher from random init, students from their parent."""
-  shape = example_shape(config)
-  use_ema = "ema" in s.state_shardings
-
-  def init(rng, teacher_params):
-    p = nn.unbox(s.student.init_fn(shape)(rng))
-    if stage.kind == "guided":
-      p = student_params_from_teacher(teacher_params, p)
-    elif stage.kind == "progressive":
-      p = jax.tree.map(lambda t, q: t.astype(q.dtype), teacher_params, p)
-    state = {"step": jnp.zeros((), jnp.int32), "skipped": jnp.zeros((), jnp.int32), "params": p,
-             "opt_state": s.optimizer.init(p)}
-    if use_ema:
-      state["ema"] = p
-    return state
-
-  rng = jax.random.key(stage_seed(config, stage))
-  return jax.jit(init, out_shardings=s.state_shardings)(rng, s.teacher_params)
 
 
 def make_train_step(loss_fn: Callable, s: StageSetup, section, mesh):
@@ -184,22 +59,32 @@ def make_train_step(loss_fn: Callable, s: StageSetup, section, mesh):
                "nonfinite": (~finite).astype(jnp.int32), "skipped_total": new["skipped"], **aux}
     return new, metrics
 
-  batch_sh = sharding.batch_sharding(mesh)
+  batch_sh, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  batch_shardings = {**{k: batch_sh for k in s.batch_fields}, "student_steps": rep, "seed": rep}
   return jax.jit(step_fn,
-                 in_shardings=(s.state_shardings, s.teacher_shardings,
-                               {"x": batch_sh, "label": batch_sh,
-                                "student_steps": sharding.replicated(mesh),
-                                "seed": sharding.replicated(mesh)}),
+                 in_shardings=(s.state_shardings, s.teacher_shardings, batch_shardings),
                  out_shardings=(s.state_shardings, sharding.replicated(mesh)),
                  donate_argnums=(0,))
 
 
-def batch_finisher(mesh) -> Callable[[dict], dict]:
-  """global batch -> the float32 batch the train step takes: data.finish_batch jitted with the
-  batch sharding for uint8 batches (config.data.normalize_on_device); float batches pass
-  through untouched (and do not compile anything)."""
+def batch_finisher(mesh, latents: Optional[autoencoding.Latents] = None,
+                   fields: tuple[str, ...] = ("x", "label")) -> Callable[[dict], dict]:
+  """global batch -> the batch the train step takes (its `fields`): data.finish_batch jitted
+  with the batch sharding for uint8 batches (config.data.normalize_on_device); float batches
+  pass through untouched (and compile nothing). A latent stage's finisher also encodes the
+  images with the frozen autoencoder (Latents.finisher)."""
+  keep = set(fields) | {"flip"}
+  select = lambda batch: batch if set(batch) <= keep else {k: v for k, v in batch.items()
+                                                           if k in keep}
+  if latents is not None:
+    encode = latents.finisher(mesh)
+    return lambda batch: encode(select(batch))
   finish = jax.jit(data.finish_batch, out_shardings=sharding.batch_sharding(mesh))
-  return lambda batch: finish(batch) if data.needs_finish(batch) else batch
+
+  def run(batch):
+    batch = select(batch)
+    return finish(batch) if data.needs_finish(batch) else batch
+  return run
 
 
 def step_scalars(mesh, student_steps: int, seed: int) -> dict:
@@ -209,52 +94,36 @@ def step_scalars(mesh, student_steps: int, seed: int) -> dict:
           "seed": jax.device_put(np.int32(seed), rep)}
 
 
-def _grid(config, stage: Stage, params, sampler_fn) -> tuple[dict, np.ndarray]:
-  """Samples one row per w (classes along the row) with the stage's model."""
-  nc, ws = config.model.num_classes, tuple(config.log.sample_w)
-  per = int(config.log.samples_per_class)
-  labels = np.tile(np.repeat(np.arange(nc), per), len(ws)).astype(np.int32)
-  w = np.repeat(np.asarray(ws, np.float32), nc * per)
-  steps = stage.student_steps or int(config.log.sample_steps or config.progressive.start_steps)
-  x = sampler_fn(params, jax.random.key(1234), jnp.asarray(labels), jnp.asarray(w),
-                 jnp.int32(steps))
-  return {"labels": labels, "w": w, "steps": steps}, np.asarray(jax.device_get(x))
-
-
-def write_grid(config, stage: Stage, params, sampler_fn, step: int,
-               dash: dashboard.Dashboard, workdir: str) -> str:
-  info, x = _grid(config, stage, params, sampler_fn)
-  path = os.path.join(stage_dir(workdir, stage.name), "samples", f"step_{step:07d}.png")
-  if jax.process_index() != 0:
-    return path
-  rows = len(config.log.sample_w)
-  if x.ndim == 4:
-    grid = dashboard.image_grid(dashboard.to_uint8(x), rows)
-    dashboard.save_png(path, grid, scale=4 if grid.shape[0] < 200 else 1)
-  else:
-    grid = dashboard.scatter_png(path, x, info["labels"],
-                                 f"{stage.name} step {step}: w={tuple(config.log.sample_w)}")
-  dash.images(step, {f"samples/{stage.name}": grid[None]})
-  return path
-
-
-def grid_sampler(config, stage: Stage, s: StageSetup):
-  clip = (-1.0, 1.0) if config.diffusion.clip_x else None
-  spec = sampling.SamplerSpec("ddim", guided=stage.kind == "teacher", clip=clip,
-                              logsnr_min=config.diffusion.logsnr_min,
-                              logsnr_max=config.diffusion.logsnr_max)
-  return sampling.make_sampler(s.student, spec, example_shape(config))
-
-
 def throughput_fn(config, stage: Stage, mesh) -> Callable[[float], dict]:
   """images/s -> model TFLOP/s per device and MFU (gdistill/flops.py: analytic FLOPs of the
-  stage's step; the device's data-sheet peak, on CPU a measured matmul ceiling)."""
+  stage's step; the device's data-sheet peak, on CPU a measured matmul ceiling). Models
+  without an analytic count (the autoencoder, the SD U-Net) report rates only."""
   from gdistill import flops
+  if stage.kind not in flops.STEP_KINDS or config.model.name not in flops.MODELS:
+    return lambda images_per_sec: {}
   per_example = flops.step_flops_per_example(config, stage.kind)
   peak = flops.peak_flops_per_device(config.model.dtype)
   n = int(mesh.devices.size)
   return lambda images_per_sec: flops.throughput_metrics(
       images_per_sec, flops_per_example=per_example, num_devices=n, peak=peak)
+
+
+def export_extras(config, stage: Stage, s: StageSetup, params) -> dict:
+  """What a stage adds to its export's metadata: the autoencoder its scaling factor and
+  held-out PSNR (autoencoding.statistics), a text model its tokenizer."""
+  if stage.kind == "autoencoder":
+    n = int(config.autoencoder.scale_examples)
+    train = data.global_batch(config.data, global_batch_size=n, seed=0, step=0,
+                              host_normalize=False,
+                              tokenizer=conditioning.tokenizer_for(config))["x"]
+    test_cfg = config.data.copy_and_resolve_references()
+    with test_cfg.unlocked():
+      test_cfg.split = "test"
+    test = data.load_array(test_cfg, "test")[0] if config.data.name != "shapes" else (
+        data.load_captioned(config.data, "test")["image"])
+    return {"vae": config_lib.vae_arch_dict(config.vae),
+            **autoencoding.statistics(s.student, jax.device_get(params), train, test)}
+  return {"tokenizer": conditioning.tokenizer_metadata(conditioning.tokenizer_for(config))}
 
 
 def run_stage(config, workdir: str, stage: Stage, mesh, programs: Optional[dict] = None) -> dict:
@@ -275,6 +144,8 @@ def run_stage(config, workdir: str, stage: Stage, mesh, programs: Optional[dict]
   t_start = time.time()
   t_first = None
   s = setup_stage(config, workdir, stage, mesh)
+  latents = (autoencoding.load(config, workdir, data_shape(config), mesh) if stage.latent
+             else None)
   sdir = stage_dir(workdir, stage.name)
   ck = ckpt_lib.StageCheckpointer(os.path.join(sdir, "checkpoints"),
                                   keep=int(config.checkpoint.keep),
@@ -291,14 +162,15 @@ def run_stage(config, workdir: str, stage: Stage, mesh, programs: Optional[dict]
   extra = {"stage": stage.name, "seed": seed, "config_hash": config_lib.config_hash(config),
            "hparams": lineage.resume_record(config, stage)}
   scalars = step_scalars(mesh, stage.student_steps or 0, seed)
+  tokenizer = conditioning.tokenizer_for(config)
   programs = {} if programs is None else programs
   key = (stage.kind, stage.section)
   if key not in programs:
     loss_fn = losses.make_loss(stage.kind, student=s.student, teacher=s.teacher,
-                               dcfg=config.diffusion)
+                               config=config)
     programs[key] = (make_train_step(loss_fn, s, section, mesh),
-                     grid_sampler(config, stage, s))
-  step_fn, sampler_fn = programs[key]
+                     previews.make_preview(config, stage, s.student, latents, tokenizer))
+  step_fn, preview = programs[key]
   dash = dashboard.Dashboard(sdir, stage.name, total, int(section.batch_size), start,
                              throughput_fn=throughput_fn(config, stage, mesh),
                              tensorboard=bool(config.log.tensorboard))
@@ -331,11 +203,12 @@ def run_stage(config, workdir: str, stage: Stage, mesh, programs: Optional[dict]
       dash.scalars(pstep, m)
 
   step = start
-  finish = batch_finisher(mesh)
+  finish = batch_finisher(mesh, latents, s.batch_fields)
   with data.make_loader(config.data, global_batch_size=int(section.batch_size), seed=seed,
                         start_step=start, process_index=jax.process_index(),
                         process_count=jax.process_count(),
-                        host_normalize=not config.data.normalize_on_device) as loader:
+                        host_normalize=not config.data.normalize_on_device,
+                        tokenizer=tokenizer) as loader:
     for step, local in loader:
       if step >= total:
         break
@@ -353,8 +226,7 @@ def run_stage(config, workdir: str, stage: Stage, mesh, programs: Optional[dict]
       if done % ckpt_every == 0 or done == total:
         ck.save(done, state, extra)
       if sample_every and done % sample_every == 0 and done != total:
-        write_grid(config, stage, state.get("ema", state["params"]), sampler_fn, done,
-                   dash, workdir)
+        preview(state.get("ema", state["params"]), done, dash, workdir)
       if guard.should_stop(done):
         drain(pending)
         if done % ckpt_every and done != total:
@@ -370,9 +242,10 @@ def run_stage(config, workdir: str, stage: Stage, mesh, programs: Optional[dict]
   final = state.get("ema", state["params"])
   meta = lineage.export_metadata(config, stage, train_steps=total, parent=s.parent_meta,
                                  parent_path=s.parent_path)
+  meta.update(export_extras(config, stage, s, final))
   ckpt_lib.save_export(edir, final, meta)
   t_grid = time.time()
-  png = write_grid(config, stage, final, sampler_fn, total, dash, workdir)
+  png = preview(final, total, dash, workdir)
   t_grid = time.time() - t_grid
   ck.close()
   dash.close()
@@ -383,45 +256,3 @@ def run_stage(config, workdir: str, stage: Stage, mesh, programs: Optional[dict]
   return ckpt_lib.load_export_metadata(edir)
 
 
-def prepare(config, workdir: str, devices=None):
-  """Validation before any compile (config + dataset), the mesh and the saved config."""
-  devices = list(devices if devices is not None else jax.devices())
-  from gdistill import runtime
-  runtime.configure_tensorflow(config.data)  # before the dashboards import TensorFlow
-  info = data.dataset_info(config.data)
-  config_lib.validate(config, num_devices=len(devices),
-                      num_processes=jax.process_count(), dataset_info=info)
-  mesh = sharding.make_mesh(config.mesh, devices)
-  if jax.process_index() == 0:
-    paths.write_text_atomic(os.path.join(workdir, "config.json"),
-                            config.to_json_best_effort(indent=2, sort_keys=True))
-  return mesh
-
-
-def train_and_evaluate(config, workdir: str, devices=None) -> dict:
-  """Runs config.stage ('teacher' | 'guided' | 'progressive' | 'pipeline') in workdir.
-
-  devices: the devices of the mesh (default: all of them). Relative paths (workdir and the
-  config's path keys) are resolved against the current directory here (gdistill/paths.py).
-  """
-  workdir = paths.resolve(workdir)
-  config_lib.resolve_paths(config)
-  mesh = prepare(config, workdir, devices)
-  plan = make_plan(config)
-  results = {}
-  t0 = time.time()
-  programs = {}
-  with jax.set_mesh(mesh):
-    for stage in plan:
-      results[stage.name] = run_stage(config, workdir, stage, mesh, programs)
-  if jax.process_index() == 0:
-    print(f"[pipeline] plan {[s.name for s in plan]} trained in "
-          f"{(time.time() - t0) / 60:.1f} min",
-          flush=True)
-  if config.stage == "pipeline" and config.eval.enabled:
-    from gdistill import evaluate
-    results["eval"] = evaluate.evaluate_workdir(config, workdir)
-    if jax.process_index() == 0:
-      print(f"[pipeline] finished in {(time.time() - t0) / 60:.1f} min; table: "
-            f"{os.path.join(workdir, 'eval', 'results.md')}", flush=True)
-  return results

@@ -11,7 +11,7 @@ import sys
 import jax
 import pytest
 
-from gdistill import config_lib, console, lineage, paths, plan, train
+from gdistill import config_lib, console, driver, lineage, paths, plan, train
 import util
 
 # gdistill's own console lines: '[stage] ...' progress and the results table.
@@ -85,7 +85,10 @@ def test_readme_main_command_runs_verbatim_with_a_relative_workdir_and_a_quiet_c
   assert not noise, noise
   assert err == ""
   assert out.splitlines()[0].startswith("[teacher] starting")
-  assert out.rstrip().splitlines()[-1].startswith("| Distilled student | progressive_1 |")
+  lines = out.rstrip().splitlines()
+  assert lines[-1].startswith("[pipeline] finished in ") and lines[-1].endswith(
+      "workdirs/digits/eval/results.md")
+  assert lines[-2].startswith("| Distilled student | progressive_4 | stochastic |")
   # Third-party output went to the run's log instead (TensorFlow's banner, tfds, absl...).
   logs = os.listdir(os.path.join(wd, "logs"))
   assert len(logs) == 1 and logs[0].startswith("train-"), logs
@@ -216,7 +219,7 @@ def test_a_changed_hyperparameter_on_resume_is_refused_unless_allowed(tmp_path, 
   over = {"data.data_dir": str(tmp_path / "tfds"), **TINY, "teacher.num_steps": 6}
   base = util.quick_config(**over)
   # A run that stopped at step 4 of 6: its checkpoints stay.
-  train.train_and_evaluate(util.quick_config(**{**over, "teacher.num_steps": 6}), wd,
+  driver.train_and_evaluate(util.quick_config(**{**over, "teacher.num_steps": 6}), wd,
                            devices=jax.devices()[:1])
   shutil.rmtree(os.path.join(wd, "teacher", "export"))
   shutil.rmtree(os.path.join(wd, "teacher", "checkpoints", "6"))
@@ -226,7 +229,7 @@ def test_a_changed_hyperparameter_on_resume_is_refused_unless_allowed(tmp_path, 
                      ("diffusion.p_uncond", 0.2)):
     c = util.quick_config(**{**over, key: value})
     with pytest.raises(config_lib.ConfigError) as e:
-      train.train_and_evaluate(c, wd, devices=jax.devices()[:1])
+      driver.train_and_evaluate(c, wd, devices=jax.devices()[:1])
     msg = str(e.value)
     old = base[key.split(".")[0]][key.split(".")[1]]
     assert (f"config.{key}: {old!r} in the checkpoint, {value!r} now" in msg
@@ -235,7 +238,7 @@ def test_a_changed_hyperparameter_on_resume_is_refused_unless_allowed(tmp_path, 
   # Allowed (by full key or by name), the run resumes and says what changed.
   capsys.readouterr()
   c = util.quick_config(**{**over, "teacher.lr": 1e-3, "allow_changes": "lr"})
-  train.train_and_evaluate(c, wd, devices=jax.devices()[:1])
+  driver.train_and_evaluate(c, wd, devices=jax.devices()[:1])
   out = capsys.readouterr().out
   assert "[teacher] resuming at step 4" in out
   assert "resuming with changed hyperparameters (config.allow_changes): teacher.lr: " in out

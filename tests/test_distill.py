@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gdistill import data, lineage, losses, plan, sampling, sharding, train
+from gdistill import data, driver, lineage, losses, plan, sampling, sharding, stage_setup, train
 import util
 
 
@@ -66,7 +66,7 @@ def test_init_from_wrong_parent_is_refused_before_compile(tmp_path):
   c.stage = "progressive"
   c.init_from = train.export_dir(wd, "teacher")
   with pytest.raises(lineage.LineageError, match="w-conditioned"):
-    train.train_and_evaluate(c, str(tmp_path / "wd2"))
+    driver.train_and_evaluate(c, str(tmp_path / "wd2"))
 
 
 def test_stage_one_loss_is_zero_at_step_zero_when_w_is_zero(tmp_path):
@@ -86,7 +86,7 @@ def test_stage_one_loss_is_zero_at_step_zero_when_w_is_zero(tmp_path):
                                                    parent_path=None))
     s = train.setup_stage(c, str(tmp_path), guided_stage, mesh)
     state = train.init_state(c, guided_stage, s)
-    loss_fn = losses.make_loss("guided", student=s.student, teacher=s.teacher, dcfg=c.diffusion)
+    loss_fn = losses.make_loss("guided", student=s.student, teacher=s.teacher, config=c)
     batch = data.global_batch(c.data, global_batch_size=64, seed=0, step=0)
     loss, aux = jax.jit(loss_fn)(state["params"], s.teacher_params,
                                  {k: jnp.asarray(v) for k, v in batch.items()},
@@ -94,7 +94,7 @@ def test_stage_one_loss_is_zero_at_step_zero_when_w_is_zero(tmp_path):
   assert float(loss) < 1e-9, float(loss)
   # ...and not zero for w > 0.
   c.diffusion.w_max = 4.0
-  loss_fn = losses.make_loss("guided", student=s.student, teacher=s.teacher, dcfg=c.diffusion)
+  loss_fn = losses.make_loss("guided", student=s.student, teacher=s.teacher, config=c)
   loss4, _ = jax.jit(loss_fn)(state["params"], s.teacher_params,
                               {k: jnp.asarray(v) for k, v in batch.items()}, jax.random.key(0))
   assert float(loss4) > 1e-6
@@ -110,11 +110,11 @@ def test_toy2d_pipeline_student_beats_teacher_at_4_steps(tmp_path):
   import importlib
   c = importlib.import_module("configs.toy2d").get_config("test")
   wd = str(tmp_path / "toy")
-  train.train_and_evaluate(c, wd, devices=jax.devices()[:1])
+  driver.train_and_evaluate(c, wd, devices=jax.devices()[:1])
   mesh = sharding.make_mesh(c.mesh, devices=jax.devices()[:1])
   p = {s.name: s for s in plan.make_plan(c)}
-  teacher = train.student_denoiser(c, p["teacher"])
-  student = train.student_denoiser(c, p["progressive_4"])
+  teacher = stage_setup.student_model(c, p["teacher"])
+  student = stage_setup.student_model(c, p["progressive_4"])
   tparams, _ = util.load_export(train.export_dir(wd, "teacher"))
   sparams, smeta = util.load_export(train.export_dir(wd, "progressive_4"))
   assert smeta["sampling_steps"] == 4 and smeta["parent"]["stage"] == "progressive_8"

@@ -1,6 +1,6 @@
 """gdistill.load / Model.sample, --mode=sample and --mode=evaluate on a tiny finished workdir.
 
-The workdir is written with the training code's own pieces (train.prepare writes config.json,
+The workdir is written with the training code's own pieces (driver.prepare writes config.json,
 lineage.export_metadata + checkpoint.save_export write each stage's export) from initial
 parameters, the way run_stage derives them (the guided student from the teacher, each
 progressive round from its parent), so no training step has to compile. With those parameters

@@ -100,6 +100,7 @@ def test_build_module_from_config():
   cfg = ml_collections.ConfigDict(dict(
       name="unet", ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), head_dim=16,
       dropout=0.1, num_groups=8, resblock_updown=True, remat=False, num_classes=10, channels=1,
-      parametrization="both", w_scale=4.0, dtype="float32", param_dtype="float32"))
+      parametrization="both", w_scale=4.0, dtype="float32", param_dtype="float32",
+      conditioning="label"))
   d = dn.build_denoiser(cfg, w_embedding=True, dropout=0.0)
   assert d.module.out_channels == 2 and d.module.dropout == 0.0 and d.w_conditioned

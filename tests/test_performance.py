@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gdistill import benchmark, config_lib, data, flops, losses, sharding, train
+from gdistill import benchmark, config_lib, data, flops, losses, sharding, stage_setup, train
 import util
 
 
@@ -39,7 +39,7 @@ def _step_program(c, kind, mesh, abstract=False):
                                            c[stage.section].to_dict()], sort_keys=True))
   if key not in _PROGRAMS:
     s = benchmark.setup(c, stage, mesh, abstract_teacher=abstract)
-    loss_fn = losses.make_loss(kind, student=s.student, teacher=s.teacher, dcfg=c.diffusion)
+    loss_fn = losses.make_loss(kind, student=s.student, teacher=s.teacher, config=c)
     _PROGRAMS[key] = s, loss_fn, train.make_train_step(loss_fn, s, c[stage.section], mesh)
   s, loss_fn, step = _PROGRAMS[key]
   state = s.abstract_state if abstract else benchmark.random_state(s)
@@ -51,8 +51,8 @@ def _step_program(c, kind, mesh, abstract=False):
 def _loss_program(c, kind, batch_size=4):
   """One device, no mesh: (params, teacher params, batch, loss_fn), all parameters random."""
   stage = benchmark._stage(c, kind)
-  student = train.student_denoiser(c, stage)
-  teacher = train.teacher_denoiser(c, stage)
+  student = stage_setup.student_model(c, stage)
+  teacher = stage_setup.teacher_model(c, stage)
   def init(den, seed):  # random values in the init's shapes, without compiling the init
     r = np.random.default_rng(seed)
     value = lambda path, a: jnp.asarray(
@@ -65,7 +65,7 @@ def _loss_program(c, kind, batch_size=4):
   batch = {"x": jnp.asarray(rng.uniform(-1, 1, (batch_size, 8, 8, 1)), jnp.float32),
            "label": jnp.arange(batch_size, dtype=jnp.int32) % 10,
            "student_steps": jnp.int32(stage.student_steps or 0), "seed": jnp.int32(0)}
-  loss_fn = losses.make_loss(kind, student=student, teacher=teacher, dcfg=c.diffusion)
+  loss_fn = losses.make_loss(kind, student=student, teacher=teacher, config=c)
   return params, tparams, batch, loss_fn
 
 
@@ -357,7 +357,7 @@ def test_loader_benchmark_skips_an_unprepared_dataset(mesh, tmp_path):
 
 
 def test_tensorflow_kept_off_accelerators_and_xla_cores():
-  """configure_tensorflow before TensorFlow's import (as train.prepare calls it): the import
+  """configure_tensorflow before TensorFlow's import (as driver.prepare calls it): the import
   hook hides GPU/TPU and sets the pools before the first op (a summary write, as clu's writer
   does); a later call with other settings warns and leaves TensorFlow as it is (a started
   context cannot change). A fresh process without JAX: TensorFlow's import is the cost."""

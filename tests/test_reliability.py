@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from gdistill import config_lib, data, train
+from gdistill import config_lib, data, driver, train
 import util
 
 pytestmark = pytest.mark.reliability
@@ -65,7 +65,7 @@ def test_validation_names_key_value_and_what_is_valid(ov, devices, processes, na
 def test_dataset_must_match_the_model(tmp_path, tmp_path_factory, ov, named, hint):
   c = _cfg(**{"data.data_dir": str(tmp_path_factory.getbasetemp() / "tfds"), **ov})
   with pytest.raises(config_lib.ConfigError) as e:
-    train.prepare(c, str(tmp_path / "wd"), devices=jax.devices()[:1])
+    driver.prepare(c, str(tmp_path / "wd"), devices=jax.devices()[:1])
   assert named in str(e.value) and hint in str(e.value), str(e.value)
   assert not os.path.exists(tmp_path / "wd")  # refused before writing anything
 
@@ -124,7 +124,7 @@ def test_isolated_nonfinite_steps_are_skipped_and_counted(tmp_path, monkeypatch)
   _poison(monkeypatch, {5, 9})
   c = _cfg(**{"data.data_dir": str(tmp_path / "tfds"), **TINY})
   wd = str(tmp_path / "wd")
-  train.train_and_evaluate(c, wd, devices=jax.devices()[:1])
+  driver.train_and_evaluate(c, wd, devices=jax.devices()[:1])
   rows = {r["step"]: r for r in _rows(wd)}
   assert rows[6]["nonfinite"] == 1 and rows[10]["nonfinite"] == 1   # (step s is row s + 1)
   assert rows[5]["nonfinite"] == 0 and rows[12]["skipped_total"] == 2
@@ -140,7 +140,7 @@ def test_consecutive_nonfinite_steps_stop_the_run_keeping_the_last_good_checkpoi
   c = _cfg(**{"data.data_dir": str(tmp_path / "tfds"), **TINY, "teacher.max_nonfinite": 3})
   wd = str(tmp_path / "wd")
   with pytest.raises(train.NonFiniteError) as e:
-    train.train_and_evaluate(c, wd, devices=jax.devices()[:1])
+    driver.train_and_evaluate(c, wd, devices=jax.devices()[:1])
   msg = str(e.value)
   assert "3 consecutive steps" in msg and "teacher.lr" in msg and "checkpoint" in msg, msg
   assert not train.is_finished(wd, "teacher")

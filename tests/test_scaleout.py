@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from gdistill import compile_check, distributed, plan, sharding, train
+from gdistill import compile_check, distributed, driver, plan, sharding, train
 import util
 
 # A small U-Net so multi-process runs stay short (cf. test_train's FSDP test).
@@ -229,14 +229,14 @@ def test_run_saved_on_eight_devices_continues_on_two_with_the_same_loss(tmp_path
           "checkpoint.keep": 5, "checkpoint.async_save": False, "log.every_steps": 1,
           "data.data_dir": str(tmp_path / "tfds")}
   ref = str(tmp_path / "ref8")
-  train.train_and_evaluate(util.quick_config(**over), ref, devices=jax.devices()[:8])
+  driver.train_and_evaluate(util.quick_config(**over), ref, devices=jax.devices()[:8])
   ref_rows = [json.loads(l) for l in open(os.path.join(ref, "teacher", "metrics.jsonl"))]
   # A run stopped at step 3 on 8 devices: the reference run's committed step-3 checkpoint.
   wd = str(tmp_path / "cont2")
   os.makedirs(os.path.join(wd, "teacher", "checkpoints"))
   shutil.copytree(os.path.join(ref, "teacher", "checkpoints", "3"),
                   os.path.join(wd, "teacher", "checkpoints", "3"))
-  train.train_and_evaluate(util.quick_config(**over), wd, devices=jax.devices()[:2])
+  driver.train_and_evaluate(util.quick_config(**over), wd, devices=jax.devices()[:2])
   rows = [json.loads(l) for l in open(os.path.join(wd, "teacher", "metrics.jsonl"))]
   assert [r["step"] for r in rows] == [4, 5, 6]
   want = {r["step"]: r["loss"] for r in ref_rows}

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gdistill import config_lib, data, plan, sampling, sharding, train
+from gdistill import config_lib, data, driver, plan, sampling, sharding, stage_setup, train
 import util
 
 
@@ -19,7 +19,7 @@ def teacher_workdir(tmp_path_factory):
   wd = str(tmp_path_factory.mktemp("teacher_wd"))
   c = util.quick_config(**{"stage": "teacher", "data.data_dir": str(
       tmp_path_factory.getbasetemp() / "tfds")})
-  train.train_and_evaluate(c, wd, devices=jax.devices()[:1])
+  driver.train_and_evaluate(c, wd, devices=jax.devices()[:1])
   return wd, c
 
 
@@ -33,7 +33,7 @@ def test_teacher_loss_falls_and_guided_samples_have_the_asked_class(teacher_work
   x_real, y_real = data.load_array(c.data)
   knn = KNeighborsClassifier(5).fit(x_real.reshape(len(x_real), -1) / 127.5 - 1.0, y_real)
   stage = plan.Stage("teacher", "teacher", "teacher")
-  den = train.student_denoiser(c, stage)
+  den = stage_setup.student_model(c, stage)
   params, meta = util.load_export(os.path.join(wd, "teacher", "export"))
   assert meta["kind"] == "teacher" and meta["train_steps"] == 250
   fn = sampling.make_sampler(den, sampling.SamplerSpec("ddim", guided=True), (8, 8, 1))
@@ -53,7 +53,7 @@ def _run_steps(c, mesh, n):
     state = train.init_state(c, stage, s)
     from gdistill import losses
     step = train.make_train_step(losses.make_loss("teacher", student=s.student, teacher=None,
-                                                  dcfg=c.diffusion), s, c.teacher, mesh)
+                                                  config=c), s, c.teacher, mesh)
     out = []
     for i in range(n):
       b = data.global_batch(c.data, global_batch_size=c.teacher.batch_size, seed=0, step=i)
@@ -107,5 +107,5 @@ def test_unprepared_catalog_dataset_fails_offline_with_the_command(tmp_path, mon
     c.data.data_dir = str(tmp_path)
   util.forbid_network(monkeypatch)
   with pytest.raises(FileNotFoundError, match="tfds build cifar10"):
-    train.prepare(c, str(tmp_path / "wd"))
+    driver.prepare(c, str(tmp_path / "wd"))
   assert not os.path.exists(tmp_path / "wd")

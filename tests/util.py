@@ -117,13 +117,13 @@ def write_untrained_workdir(c, workdir: str) -> None:
   initial parameters the way run_stage derives them (the guided student from the teacher,
   each progressive round from its parent), so no training step compiles."""
   import flax.linen as nn
-  from gdistill import checkpoint, lineage, plan, train
+  from gdistill import checkpoint, driver, lineage, plan, stage_setup, train
   from gdistill.denoiser import student_params_from_teacher
-  train.prepare(c, workdir)
+  driver.prepare(c, workdir)
   shape = train.example_shape(c)
   params, parent = {}, None
   for st in plan.make_plan(c):
-    den = train.student_denoiser(c, st)
+    den = stage_setup.student_model(c, st)
     if st.kind == "teacher":  # 'rbg': XLA:CPU compiles threefry inits slowly
       p = nn.unbox(jax.jit(den.init_fn(shape))(jax.random.key(1, impl="rbg")))
     elif st.kind == "guided":  # the w-embedding at zero, as its zero-initialised last layer

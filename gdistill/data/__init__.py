@@ -1,9 +1,11 @@
-"""Datasets and the input pipeline: digits8x8 (TFDS, from scikit-learn), toy2d, TFDS catalog."""
+"""Datasets and the input pipeline: digits8x8 (TFDS, from scikit-learn), shapes32 (procedural
+captioned images), toy2d, TFDS catalog."""
 from gdistill.data.pipeline import DatasetInfo
 from gdistill.data.pipeline import dataset_info
 from gdistill.data.pipeline import finish_batch
 from gdistill.data.pipeline import global_batch
 from gdistill.data.pipeline import load_array
+from gdistill.data.pipeline import load_captioned
 from gdistill.data.pipeline import Loader
 from gdistill.data.pipeline import make_loader
 from gdistill.data.pipeline import needs_finish
@@ -13,6 +15,7 @@ from gdistill.data.toy2d import sample_toy2d
 
 __all__ = [
     "DatasetInfo", "Loader", "dataset_info", "finish_batch", "global_batch", "load_array",
+    "load_captioned",
     "make_loader", "needs_finish", "normalize", "normalize_on_device",
     "sample_toy2d",
 ]

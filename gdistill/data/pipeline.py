@@ -39,7 +39,7 @@ _TFDS_NAMES = {
     "cifar10": "cifar10",
     "imagenet64": "imagenet_resized/64x64",
 }
-_NAMES = ("toy2d",) + tuple(_TFDS_NAMES)
+_NAMES = ("toy2d", "shapes") + tuple(_TFDS_NAMES)
 _DEFAULT_DATA_DIR = "~/tensorflow_datasets"
 _FLIP_STREAM = 1  # default_rng([seed, step, 1]); [seed, epoch] is the permutation.
 _TOY2D_REFERENCE_SIZE = 10_000
@@ -49,14 +49,20 @@ _TOY2D_REFERENCE_SIZE = 10_000
 class DatasetInfo:
   name: str
   shape: tuple[int, ...]  # Per example: (H, W, C) for images, (2,) for toy2d.
-  num_classes: int
+  num_classes: int  # 0 for a captioned dataset.
   num_examples: int | None  # None for an infinite (sampled) dataset.
+  vocabulary: tuple[str, ...] | None = None  # The words of a captioned dataset's captions.
+
+  @property
+  def captioned(self) -> bool:
+    return self.vocabulary is not None
 
 
 @dataclasses.dataclass(frozen=True)
 class _Source:
   info: DatasetInfo
-  # Example indices -> (uint8 [n, H, W, C], int32 [n]); None for toy2d.
+  # Example indices -> (uint8 [n, H, W, C], int32 [n] labels or str [n] captions); None for
+  # toy2d.
   fetch: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
 
 
@@ -74,6 +80,8 @@ def _open(data_cfg, split: str | None = None) -> _Source:
     return _Source(DatasetInfo("toy2d", (2,), int(data_cfg.num_classes), None))
   if data_cfg.name == "digits":
     return _open_digits(_data_dir(data_cfg), split)
+  if data_cfg.name == "shapes":
+    return _open_shapes(_data_dir(data_cfg), split)
   return _open_catalog(data_cfg.name, _data_dir(data_cfg), split)
 
 
@@ -96,6 +104,16 @@ def _open_digits(data_dir: str, split: str) -> _Source:
   labels.flags.writeable = False
   info = DatasetInfo("digits", images.shape[1:], 10, len(labels))
   return _Source(info, lambda idx: (images[idx], labels[idx]))
+
+
+@functools.lru_cache(maxsize=4)
+def _open_shapes(data_dir: str, split: str) -> _Source:
+  """shapes32 (gdistill/data/shapes.py): prepared in data_dir if needed, held in memory."""
+  from gdistill.data import shapes
+  d = shapes.load_split(data_dir, split)
+  images, captions = d["image"], d["caption"]
+  info = DatasetInfo("shapes", images.shape[1:], 0, len(images), tuple(shapes.VOCAB))
+  return _Source(info, lambda idx: (images[idx], captions[idx]))
 
 
 def _not_prepared(name: str, tfds_name: str, data_dir: str, why: str) -> str:
@@ -201,13 +219,16 @@ def _flip_mask(seed: int, step: int, global_batch_size: int, lo: int, hi: int) -
 
 
 def _reader(data_cfg, source: _Source, *, global_batch_size: int, seed: int,
-            lo: int, hi: int,
-            host_normalize: bool = True) -> Callable[[int], dict[str, np.ndarray]]:
+            lo: int, hi: int, host_normalize: bool = True,
+            tokenizer=None) -> Callable[[int], dict[str, np.ndarray]]:
   """step -> rows [lo, hi) of the global batch at that step.
 
   host_normalize=False: image datasets give uint8 'x' and, with random_flip, the bool 'flip'
-  mask for finish_batch (toy2d's points are float32 either way).
+  mask for finish_batch (toy2d's points are float32 either way). Captioned datasets give
+  'tokens' (tokenizer.encode of the captions, int32 [b, L]) where the others give 'label'.
   """
+  if source.info.captioned and tokenizer is None:
+    raise ValueError(f"dataset {source.info.name!r} has captions: pass the model's tokenizer")
   if global_batch_size < 1 or seed < 0:
     raise ValueError(f"global_batch_size={global_batch_size}, seed={seed}: "
                      "need global_batch_size >= 1 and seed >= 0.")
@@ -225,12 +246,17 @@ def _reader(data_cfg, source: _Source, *, global_batch_size: int, seed: int,
 
   order = _EpochOrder(source.info.num_examples, seed)
 
+  def cond(values: np.ndarray) -> dict[str, np.ndarray]:
+    if source.info.captioned:
+      return {"tokens": tokenizer.encode([str(c) for c in values])}
+    return {"label": values.astype(np.int32)}
+
   def read(step: int) -> dict[str, np.ndarray]:
     positions = step * global_batch_size + np.arange(lo, hi, dtype=np.int64)
-    images, labels = source.fetch(order.indices(positions))
+    images, values = source.fetch(order.indices(positions))
     assert images.shape == (hi - lo, *source.info.shape), images.shape
     if not host_normalize:
-      out = {"x": np.asarray(images, np.uint8), "label": labels.astype(np.int32)}
+      out = {"x": np.asarray(images, np.uint8), **cond(values)}
       if flip_images:
         out["flip"] = _flip_mask(seed, step, global_batch_size, lo, hi)
       return out
@@ -238,7 +264,7 @@ def _reader(data_cfg, source: _Source, *, global_batch_size: int, seed: int,
     if flip_images:
       flip = _flip_mask(seed, step, global_batch_size, lo, hi)
       x[flip] = x[flip][:, :, ::-1]  # [b, H, W, C]: mirror W.
-    return {"x": x, "label": labels.astype(np.int32)}
+    return {"x": x, **cond(values)}
   return read
 
 
@@ -268,11 +294,20 @@ def dataset_info(data_cfg) -> DatasetInfo:
 
 
 def global_batch(data_cfg, *, global_batch_size: int, seed: int, step: int,
-                 host_normalize: bool = True) -> dict[str, np.ndarray]:
+                 host_normalize: bool = True, tokenizer=None) -> dict[str, np.ndarray]:
   """The whole global batch at `step`: {'x': f32 [B, ...], 'label': i32 [B]} (host_normalize
-  False: the uint8 form, see the module doc)."""
+  False: the uint8 form, see the module doc; captioned datasets: 'tokens')."""
   return _reader(data_cfg, _open(data_cfg), global_batch_size=global_batch_size,
-                 seed=seed, lo=0, hi=global_batch_size, host_normalize=host_normalize)(step)
+                 seed=seed, lo=0, hi=global_batch_size, host_normalize=host_normalize,
+                 tokenizer=tokenizer)(step)
+
+
+def load_captioned(data_cfg, split: str) -> dict[str, np.ndarray]:
+  """Every field of a captioned dataset's split (shapes: images, captions, attributes)."""
+  if data_cfg.name != "shapes":
+    raise ValueError(f"data.name={data_cfg.name!r} has no captions")
+  from gdistill.data import shapes
+  return shapes.load_split(_data_dir(data_cfg), split)
 
 
 def load_array(data_cfg, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
@@ -360,10 +395,11 @@ class _Failure:
 
 def make_loader(data_cfg, *, global_batch_size: int, seed: int, start_step: int,
                 process_index: int = 0, process_count: int = 1,
-                prefetch: int = 2, host_normalize: bool = True) -> Loader:
+                prefetch: int = 2, host_normalize: bool = True, tokenizer=None) -> Loader:
   """This process's rows of the global batch at start_step, start_step + 1, ...
 
   host_normalize=False: uint8 image batches for finish_batch on the device (module doc).
+  tokenizer: encodes a captioned dataset's captions into 'tokens'.
   """
   if global_batch_size % process_count or not 0 <= process_index < process_count:
     raise ValueError(
@@ -377,5 +413,5 @@ def make_loader(data_cfg, *, global_batch_size: int, seed: int, start_step: int,
   lo, hi = process_index * local, (process_index + 1) * local
   source = _open(data_cfg)  # Fails here, not in the thread, if data is missing.
   read = _reader(data_cfg, source, global_batch_size=global_batch_size, seed=seed,
-                 lo=lo, hi=hi, host_normalize=host_normalize)
+                 lo=lo, hi=hi, host_normalize=host_normalize, tokenizer=tokenizer)
   return Loader(read, start_step=start_step, prefetch=prefetch, info=source.info)

@@ -1,0 +1,101 @@
+"""Sample grids while a stage trains (`<stage>/samples/step_N.png` and TensorBoard images).
+
+Diffusion stages: one row per w of config.log.sample_w; along the row every class
+(samples_per_class each) or, for a text model, the first `log.sample_prompts` captions of the
+dataset's test split; the stage's own N steps (teacher and stage one: log.sample_steps or N0);
+latents are decoded. The autoencoder: a row of training images above their reconstructions.
+One preview function per stage kind family; the loop calls it without knowing which.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gdistill import dashboard, sampling, schedules
+from gdistill.plan import Stage
+
+Preview = Callable[[object, int, dashboard.Dashboard, str], str]  # (params, step, dash, wd)
+
+
+def _png_path(workdir: str, stage: Stage, step: int) -> str:
+  return os.path.join(workdir, stage.name, "samples", f"step_{step:07d}.png")
+
+
+def _publish(path: str, images: np.ndarray, rows: int, stage: Stage, step: int,
+             dash: dashboard.Dashboard, *, labels=None, title: str = "") -> None:
+  """Writes the grid (process 0) and sends it to TensorBoard."""
+  if jax.process_index() != 0:
+    return
+  if images.ndim == 4:
+    grid = dashboard.image_grid(dashboard.to_uint8(images), rows)
+    dashboard.save_png(path, grid, scale=4 if grid.shape[0] < 200 else 1)
+  else:
+    grid = dashboard.scatter_png(path, images, labels, title)
+  dash.images(step, {f"samples/{stage.name}": grid[None]})
+
+
+def grid_conditions(config, student, tokenizer=None) -> np.ndarray:
+  """The conditions along a grid row: every class (samples_per_class each), or the token ids
+  of the first log.sample_prompts captions of the test split."""
+  if student.cond_field == "label":
+    nc, per = int(config.model.num_classes), int(config.log.samples_per_class)
+    return np.repeat(np.arange(nc), per).astype(np.int32)
+  from gdistill import data
+  captions = data.load_captioned(config.data, "test")["caption"]
+  return tokenizer.encode([str(c) for c in captions[:int(config.log.sample_prompts)]])
+
+
+def diffusion_preview(config, stage: Stage, student, latents=None,
+                      tokenizer=None) -> Preview:
+  """Sample grids of a teacher / student (guided DDIM for the teacher, 2 NFE per step)."""
+  clip = (-1.0, 1.0) if config.diffusion.clip_x else None
+  spec = sampling.SamplerSpec("ddim", guided=stage.kind == "teacher", clip=clip,
+                              schedule=schedules.from_config(config.diffusion))
+  from gdistill.stage_setup import example_shape
+  sampler = sampling.make_sampler(student, spec, example_shape(config))
+  decode = latents.decoder() if latents is not None else (lambda z: z)
+  ws = tuple(float(w) for w in config.log.sample_w)
+  conds = grid_conditions(config, student, tokenizer)
+  cond = np.concatenate([conds] * len(ws))
+  w = np.repeat(np.asarray(ws, np.float32), len(conds))
+  steps = stage.student_steps or int(config.log.sample_steps or config.progressive.start_steps)
+
+  def preview(params, step: int, dash: dashboard.Dashboard, workdir: str) -> str:
+    z = sampler(params, jax.random.key(1234), jnp.asarray(cond), jnp.asarray(w),
+                jnp.int32(steps))
+    x = np.asarray(jax.device_get(decode(z)))
+    path = _png_path(workdir, stage, step)
+    _publish(path, x, len(ws), stage, step, dash, labels=cond if cond.ndim == 1 else None,
+             title=f"{stage.name} step {step}: w={ws}")
+    return path
+  return preview
+
+
+def autoencoder_preview(config, stage: Stage, model, num: int = 16) -> Preview:
+  """Training images (top row) and their reconstructions (bottom row)."""
+  from gdistill import data
+  images = data.global_batch(config.data, global_batch_size=num, seed=0, step=0,
+                             host_normalize=True, tokenizer=_any_tokenizer(config))["x"]
+  recon = jax.jit(lambda p, x: jnp.clip(model.decode(p, model.encode(p, x)[0]), -1.0, 1.0))
+
+  def preview(params, step: int, dash: dashboard.Dashboard, workdir: str) -> str:
+    x = np.asarray(jax.device_get(recon(params, jnp.asarray(images))))
+    path = _png_path(workdir, stage, step)
+    _publish(path, np.concatenate([images, x]), 2, stage, step, dash)
+    return path
+  return preview
+
+
+def _any_tokenizer(config) -> Optional[object]:
+  from gdistill import conditioning
+  return conditioning.tokenizer_for(config)
+
+
+def make_preview(config, stage: Stage, student, latents=None, tokenizer=None) -> Preview:
+  if stage.kind == "autoencoder":
+    return autoencoder_preview(config, stage, student)
+  return diffusion_preview(config, stage, student, latents, tokenizer)
