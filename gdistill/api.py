@@ -242,10 +242,10 @@ class Model:
 
   def sample_batches(self, cond, w=0.0, steps: Optional[int] = None, sampler: str = "ddim",
                      rng=None, batch_size: Optional[int] = None, start_batch: int = 0,
-                     warn_w: bool = True):
+                     warn_w: bool = True, decode: bool = True):
     """Yields sample()'s output batch by batch from batch `start_batch` (a resumable loop:
     batch b depends only on (rng, b, cond, w, steps), never on the batches before it).
-    cond: conditions() of the labels or prompts.
+    cond: conditions() of the labels or prompts. decode=False: a latent model's latents.
 
     With several processes every batch is split over all processes' devices and each process
     receives the whole batch (gathered), so every process gets the same samples.
@@ -274,9 +274,15 @@ class Model:
       ww[:keep] = w[lo:lo + keep]
       x = fn(self.params, jax.random.fold_in(key, b), jax.device_put(c, batch_sh),
              jax.device_put(ww, batch_sh), np.int32(steps))
-      if self._decode is not None:
+      if decode and self._decode is not None:
         x = self._decode(x)
       yield np.asarray(_to_host(x), np.float32)[:keep]
+
+  def decode(self, latents: np.ndarray) -> np.ndarray:
+    """A latent model's latents -> images in [-1, 1] (identity in pixel space)."""
+    if self._decode is None:
+      return np.asarray(latents, np.float32)
+    return np.asarray(jax.device_get(self._decode(jax.numpy.asarray(latents))), np.float32)
 
   def compile(self, sampler: str = "ddim", batch_size: int = 1) -> None:
     """Compiles (by running one step) the sampler for this batch size, so timings skip it."""

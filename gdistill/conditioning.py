@@ -13,11 +13,40 @@ from typing import Optional
 from gdistill.tokenizer import WordTokenizer
 
 
+class CLIPTokenIds:
+  """CLIP's token-id conventions without its BPE merges: vocab_size, <|startoftext|> 49406 and
+  <|endoftext|> 49407 (the padding), so the empty prompt - the null condition - and every
+  shape are known. Enough for --mode=compile of a Stable Diffusion config; encoding text
+  needs the BPE files of a checkpoint's tokenizer/ folder, which this does not read."""
+
+  def __init__(self, vocab_size: int = 49408, max_length: int = 77):
+    self.vocab_size, self.max_length = int(vocab_size), int(max_length)
+    self.bos_id, self.eos_id = self.vocab_size - 2, self.vocab_size - 1
+
+  def encode(self, texts):
+    import numpy as np
+    if any(str(t) for t in texts):
+      from gdistill import config_lib
+      raise config_lib.ConfigError(
+          "text.tokenizer='clip' encodes prompts with the BPE vocabulary of a Stable Diffusion "
+          "checkpoint's tokenizer/ folder, which gdistill does not read yet; only the empty "
+          "prompt (the null condition) is known")
+    out = np.full((len(texts), self.max_length), self.eos_id, np.int32)
+    out[:, 0] = self.bos_id
+    return out
+
+  def to_json(self) -> str:
+    return json.dumps({"format": "clip-token-ids", "vocab_size": self.vocab_size,
+                       "max_length": self.max_length})
+
+
 def tokenizer_for(config, vocabulary=None) -> Optional[WordTokenizer]:
   """The tokenizer of a text-conditioned config (None for labels). vocabulary: the dataset's
   words (data.dataset_info(...).vocabulary); looked up from the dataset when None."""
   if config.model.conditioning != "text":
     return None
+  if config.text.tokenizer == "clip":
+    return CLIPTokenIds(config.text.vocab_size, config.text.max_length)
   if vocabulary is None:
     from gdistill import data
     vocabulary = data.dataset_info(config.data).vocabulary
@@ -35,4 +64,8 @@ def tokenizer_metadata(tokenizer: Optional[WordTokenizer]) -> Optional[dict]:
 
 
 def tokenizer_from_metadata(meta: Optional[dict]) -> Optional[WordTokenizer]:
-  return None if not meta else WordTokenizer.from_json(json.dumps(meta))
+  if not meta:
+    return None
+  if meta.get("format") == "clip-token-ids":
+    return CLIPTokenIds(meta["vocab_size"], meta["max_length"])
+  return WordTokenizer.from_json(json.dumps(meta))

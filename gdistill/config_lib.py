@@ -62,7 +62,9 @@ def base_config():
   # (and the random flip), bit for bit the host formula; False: the loader thread does it.
   # tf_*: TensorFlow (TensorBoard writer, tensorflow_datasets) kept off the accelerators and to
   # small thread pools beside XLA's (gdistill/runtime.py configure_tensorflow; 0: TF's default).
-  c.data = dict(name="digits", data_dir="", split="train", random_flip=False, num_classes=10,
+  # variant: the dataset's tfds builder config ('' its default; shapes: 'tiny' for tests).
+  c.data = dict(name="digits", data_dir="", split="train", variant="", random_flip=False,
+                num_classes=10,
                 normalize_on_device=True, tf_intra_op_threads=1, tf_inter_op_threads=1,
                 tf_hide_accelerators=True)
   # name 'unet' (ADM, logSNR input) / 'mlp': pixel space, class labels (conditioning 'label').
@@ -83,8 +85,11 @@ def base_config():
   # The text encoder of model.conditioning='text': CLIP's text transformer, trained jointly with
   # the teacher (GLIDE) and frozen afterwards; a word-level tokenizer of the dataset's vocabulary
   # with CLIP's conventions (BOS, EOS, EOS padding to max_length).
-  c.text = dict(max_length=77, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                num_attention_heads=4, hidden_act="quick_gelu")
+  # tokenizer 'word': the dataset's vocabulary; 'clip': CLIP's BPE ids (vocab_size 49408, the
+  # tokenizer/ folder of a Stable Diffusion checkpoint; --mode=compile needs only the sizes).
+  c.text = dict(tokenizer="word", vocab_size=49408, max_length=77, hidden_size=64,
+                intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                hidden_act="quick_gelu")
   # Latent diffusion (vae.enabled): every diffusion stage runs on scaling_factor * the
   # AutoencoderKL posterior mean of the images. The autoencoder is the plan's 'autoencoder' stage
   # (config.autoencoder: its training), or an existing autoencoder export (vae.init_from).
@@ -114,29 +119,36 @@ def base_config():
   c.logical_axis_rules = default_logical_axis_rules()
   c.checkpoint = dict(every_steps=200, keep=3, async_save=True)
   # tensorboard=False: console, metrics.jsonl and PNG grids only (no TensorFlow import).
+  # sample_prompts: a text model's grid columns (the first captions of the test split).
   c.log = dict(every_steps=50, sample_every_steps=0, sample_w=(0.0, 1.0, 4.0),
-               samples_per_class=1, sample_steps=0, tensorboard=True)
+               samples_per_class=1, sample_prompts=8, sample_steps=0, tensorboard=True)
   # --mode=sample: stage 'latest' | 'teacher' | 'guided' | 'progressive_N'; steps 0 = the
   # stage's own N (N0 for teacher and guided); labels None = i % num_classes; out: '' writes
   # <workdir>/samples.npz; a path a user gives is taken as given (relative: to the current
   # directory).
+  # Text models: prompts_file (one prompt per line; sample i uses prompt i mod P);
+  # latents_out: also keep the undecoded latents there (.npz), '' = no.
   c.sample = dict(stage="latest", w=1.0, steps=0, sampler="ddim", num_samples=100,
                   labels=ml_collections.FieldReference(None, field_type=tuple), seed=0,
-                  out="", batch_size=500)
+                  out="", batch_size=500, prompts_file="", latents_out="")
   # --mode=evaluate (gdistill/evaluate.py). num_samples per row and w: 200 keeps the digits
   # sweep within ~5 min on 2 CPU cores (cifar10/imagenet64 set 50k). inception_weights: the
   # converted FID Inception (.npz or .safetensors), needed for cifar10/imagenet64.
   # teacher_samplers: the guided teacher's rows (2 NFE per step) for each of these samplers.
+  # Class models: num_samples per row and w. Text models (held-out captions of the test
+  # split): prompts_single single-object and prompts_two two-object captions, and for the
+  # diversity prompts_per_group samples of one colour-and-shape-only caption per group.
   c.eval = dict(w=(0.0, 1.0, 2.0, 4.0), steps=(1, 2, 4, 8, 16), samplers=("ddim", "stochastic"),
                 teacher_samplers=("ddim",), num_samples=200, batch_size=500,
                 classifier_steps=600, seed=0, inception_weights="",
+                prompts_single=300, prompts_two=200, prompts_per_group=12,
                 enabled=True)  # enabled: evaluate at a pipeline's end
   return c
 
 
 # Every config key that holds a path (resolve_paths makes them absolute at the entry points).
 PATH_KEYS = ("init_from", "data.data_dir", "sample.out", "eval.inception_weights",
-             "vae.init_from")
+             "vae.init_from", "sample.prompts_file", "sample.latents_out")
 
 
 def resolve_paths(c):
@@ -217,12 +229,63 @@ def _names_a_key(c, name: str) -> bool:
   return "." not in name and any(hasattr(c[k], "keys") and name in c[k].keys() for k in c.keys())
 
 
+def _validate_sd_unet(c):
+  m = c.model
+  n = len(m.block_out_channels)
+  for key, kinds in (("down_block_types", BLOCK_TYPES["down"]),
+                     ("up_block_types", BLOCK_TYPES["up"])):
+    types = tuple(m[key])
+    _need(len(types) == n and all(t in kinds for t in types), f"model.{key}", types,
+          f"{n} entries (one per block_out_channels), each one of {kinds}")
+  _need(m.image_size % 2 ** (n - 1) == 0, "model.image_size", m.image_size,
+        f"must be divisible by 2^(levels-1) = {2 ** (n - 1)} for block_out_channels="
+        f"{tuple(m.block_out_channels)}")
+  heads = (m.attention_head_dim if isinstance(m.attention_head_dim, int)
+           else tuple(m.attention_head_dim))
+  for i, ch in enumerate(m.block_out_channels):
+    _need(ch % m.num_groups == 0, "model.num_groups", m.num_groups,
+          f"must divide every block's channels ({ch})")
+    h = heads if isinstance(heads, int) else heads[i]
+    _need(ch % h == 0, "model.attention_head_dim", m.attention_head_dim,
+          f"the number of heads (diffusers' attention_head_dim) must divide the channels ({ch})")
+  _need(m.conditioning == "text", "model.conditioning", m.conditioning,
+        "model.name='unet2d_condition' is conditioned on text ('text')")
+  _need(c.diffusion.schedule != "cosine", "diffusion.schedule", c.diffusion.schedule,
+        "model.name='unet2d_condition' takes a discrete timestep: 'scaled_linear' or 'linear'")
+  _need(m.time_cond_proj_dim >= 2, "model.time_cond_proj_dim", m.time_cond_proj_dim,
+        "the students' w-embedding size, >= 2 (diffusers: 256)")
+  t = c.text
+  _need(t.max_length >= 2 and t.hidden_size % t.num_attention_heads == 0, "text",
+        (t.max_length, t.hidden_size, t.num_attention_heads),
+        "max_length >= 2 and num_attention_heads dividing hidden_size")
+  _need(t.hidden_act in ("quick_gelu", "gelu"), "text.hidden_act", t.hidden_act,
+        "'quick_gelu' or 'gelu'")
+  _need(t.tokenizer in ("word", "clip"), "text.tokenizer", t.tokenizer, "'word' or 'clip'")
+
+
+def _validate_vae(c):
+  v, m = c.vae, c.model
+  f = 2 ** (len(v.block_out_channels) - 1)
+  _need(v.image_size % f == 0, "vae.image_size", v.image_size,
+        f"must be divisible by the autoencoder's downsampling factor {f}")
+  _need((m.image_size, m.channels) == (v.image_size // f, v.latent_channels),
+        "model.image_size/channels", (m.image_size, m.channels),
+        f"the latents of vae={v.image_size}x{v.image_size} / {f} with {v.latent_channels} "
+        f"channels: ({v.image_size // f}, {v.latent_channels})")
+  for ch in v.block_out_channels:
+    _need(ch % v.norm_num_groups == 0, "vae.norm_num_groups", v.norm_num_groups,
+          f"must divide every block's channels ({ch})")
+
+
 def validate(c, *, num_devices: int, num_processes: int = 1, dataset_info=None):
   """Raises ConfigError for the first value that cannot work. Call before any compile."""
   _need(c.stage in STAGES, "stage", c.stage, f"one of {STAGES}")
   m, dcfg = c.model, c.diffusion
   _need(m.name in MODELS, "model.name", m.name, f"one of {MODELS}")
   _need(c.data.name in DATASETS, "data.name", c.data.name, f"one of {DATASETS}")
+  _need(c.data.variant in (("", "full", "tiny") if c.data.name == "shapes" else ("",)),
+        "data.variant", c.data.variant,
+        "'' (the dataset's own), or for shapes 'full' / 'tiny' (512 images, for tests)")
   for k in ("normalize_on_device", "tf_hide_accelerators", "random_flip"):
     _need(isinstance(c.data[k], bool), f"data.{k}", c.data[k], "True or False")
   for k in ("tf_intra_op_threads", "tf_inter_op_threads"):
@@ -257,7 +320,7 @@ def validate(c, *, num_devices: int, num_processes: int = 1, dataset_info=None):
         "must be a power of two (e.g. 1)")
   _need(p.end_steps < p.start_steps, "progressive.end_steps", p.end_steps,
         f"must be < progressive.start_steps={p.start_steps}")
-  for name in ("teacher", "guided", "progressive"):
+  for name in ("autoencoder", "teacher", "guided", "progressive"):
     s = c[name]
     _need(s.schedule in SCHEDULES, f"{name}.schedule", s.schedule, f"one of {SCHEDULES}")
     _need(s.num_steps >= 1, f"{name}.num_steps", s.num_steps, "must be >= 1")
@@ -297,15 +360,36 @@ def validate(c, *, num_devices: int, num_processes: int = 1, dataset_info=None):
             f"must divide every level's channels (ch {m.ch} x mult {mult} = {ch})")
       _need(not m.attn_resolutions or ch % m.head_dim == 0, "model.head_dim", m.head_dim,
             f"must divide the channels of attention levels (ch {m.ch} x mult {mult} = {ch})")
+  if m.name == "unet2d_condition":
+    _validate_sd_unet(c)
+  _need(m.conditioning in CONDITIONING, "model.conditioning", m.conditioning,
+        f"one of {CONDITIONING}")
+  _need(m.conditioning == "label" or m.name == "unet2d_condition", "model.conditioning",
+        m.conditioning, f"'text' needs model.name='unet2d_condition', not {m.name!r}")
+  if c.vae.enabled:
+    _validate_vae(c)
+  ac = c.autoencoder
+  _need(ac.kl_weight >= 0 and ac.scale_examples >= 2, "autoencoder.kl_weight/scale_examples",
+        (ac.kl_weight, ac.scale_examples), "kl_weight >= 0 and scale_examples >= 2")
   if dataset_info is not None:
-    want_shape = ((m.image_size, m.image_size, m.channels) if m.name == "unet"
-                  else (m.channels,))
-    _need(tuple(dataset_info.shape) == want_shape, "model.image_size/channels",
-          (m.image_size, m.channels),
+    if c.vae.enabled:
+      want_shape = (c.vae.image_size, c.vae.image_size, c.vae.image_channels)
+      key, value = "vae.image_size/image_channels", (c.vae.image_size, c.vae.image_channels)
+    else:
+      want_shape = ((m.image_size, m.image_size, m.channels) if m.name != "mlp"
+                    else (m.channels,))
+      key, value = "model.image_size/channels", (m.image_size, m.channels)
+    _need(tuple(dataset_info.shape) == want_shape, key, value,
           f"dataset {dataset_info.name!r} has examples of shape {tuple(dataset_info.shape)}, "
-          f"the model expects {want_shape}")
-    _need(dataset_info.num_classes == m.num_classes, "model.num_classes", m.num_classes,
-          f"dataset {dataset_info.name!r} has {dataset_info.num_classes} classes")
+          f"the {'autoencoder' if c.vae.enabled else 'model'} expects {want_shape}")
+    if m.conditioning == "text":
+      _need(dataset_info.captioned, "model.conditioning", m.conditioning,
+            f"dataset {dataset_info.name!r} has class labels, no captions (use 'label')")
+    else:
+      _need(not dataset_info.captioned, "model.conditioning", m.conditioning,
+            f"dataset {dataset_info.name!r} has captions: use 'text'")
+      _need(dataset_info.num_classes == m.num_classes, "model.num_classes", m.num_classes,
+            f"dataset {dataset_info.name!r} has {dataset_info.num_classes} classes")
   from gdistill import sampling
   _need(c.sample.sampler in sampling.SAMPLERS, "sample.sampler", c.sample.sampler,
         f"one of {sampling.SAMPLERS}")

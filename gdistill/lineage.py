@@ -115,7 +115,8 @@ def resume_record(config, stage: Stage) -> dict:
     out.pop(f"{stage.section}.num_steps")
   out.update({f"diffusion.{k}": v for k, v in config.diffusion.to_dict().items()})
   out.update({"seed": config.seed, "data.name": config.data.name,
-              "data.split": config.data.split, "data.random_flip": config.data.random_flip,
+              "data.split": config.data.split, "data.variant": config.data.variant,
+              "data.random_flip": config.data.random_flip,
               "model.dropout": config.model.dropout, "model.dtype": config.model.dtype})
   return json.loads(json.dumps(out, default=str))  # tuples -> lists, as stored in JSON
 
@@ -125,16 +126,17 @@ def _allowed(key: str, allow: list[str]) -> bool:
 
 
 def check_resume(saved: Optional[dict], config, stage: Stage, step: int) -> list[str]:
-  """Refuses (config_lib.ConfigError) to resume `stage` at `step` when a value of
-  resume_record differs from `saved` (the record in that checkpoint) and config.allow_changes
+  """Refuses (config_lib.ConfigError) to resume `stage` at `step` when a value recorded in
+  `saved` (that checkpoint's resume_record) differs from the config's and config.allow_changes
   does not name it; returns the allowed changes as 'key: old -> new' lines. A checkpoint
   without a record (older gdistill) is not checked."""
   if not saved:
     return []
   now = resume_record(config, stage)
   allow = [a.strip() for a in str(config.allow_changes).split(",") if a.strip()]
-  changed = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
-             if saved.get(k) != now.get(k)}
+  # Keys the checkpoint does not record (added to gdistill later, or num_steps under a
+  # constant schedule) cannot have been changed since.
+  changed = {k: (saved[k], now.get(k)) for k in sorted(saved) if saved[k] != now.get(k)}
   refused = [k for k in changed if not _allowed(k, allow)]
   if refused:
     lines = "\n".join(f"  config.{k}: {changed[k][0]!r} in the checkpoint, {changed[k][1]!r} "

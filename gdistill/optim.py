@@ -28,11 +28,25 @@ def make_optimizer(section, frozen: tuple[str, ...] = ()) -> optax.GradientTrans
   keep their values (no update, no optimizer state, outside the clipping norm)."""
   adam = optax.chain(optax.clip_by_global_norm(float(section.grad_clip)),
                      optax.adam(lr_schedule(section), b1=float(section.b1), b2=float(section.b2)))
-  if not frozen:
-    return adam
-  labels = lambda params: {k: jax.tree.map(lambda _: "frozen" if k in frozen else "train", v)
-                           for k, v in params.items()}
-  return optax.multi_transform({"train": adam, "frozen": optax.set_to_zero()}, labels)
+  return adam if not frozen else freeze(adam, frozen)
+
+
+def freeze(inner: optax.GradientTransformation,
+           frozen: tuple[str, ...]) -> optax.GradientTransformation:
+  """inner on the parameters outside the top-level groups `frozen` (its state covers only
+  them); the frozen groups get zero updates."""
+  def train_part(tree):
+    return None if tree is None else {k: v for k, v in tree.items() if k not in frozen}
+
+  def init(params):
+    return inner.init(train_part(params))
+
+  def update(grads, state, params=None):
+    updates, state = inner.update(train_part(grads), state, train_part(params))
+    updates.update({k: jax.tree.map(jnp.zeros_like, v) for k, v in grads.items()
+                    if k in frozen})
+    return updates, state
+  return optax.GradientTransformation(init, update)
 
 
 def ema_decay_at(step, decay: float):

@@ -18,7 +18,9 @@ import numpy as np
 from gdistill import dashboard, sampling, schedules
 from gdistill.plan import Stage
 
-Preview = Callable[[object, int, dashboard.Dashboard, str], str]  # (params, step, dash, wd)
+# preview(params, stage, step, dash, workdir) -> the PNG's path. One function serves every
+# stage of a kind (the progressive rounds share theirs): the stage comes with each call.
+Preview = Callable[[object, Stage, int, dashboard.Dashboard, str], str]
 
 
 def _png_path(workdir: str, stage: Stage, step: int) -> str:
@@ -49,11 +51,10 @@ def grid_conditions(config, student, tokenizer=None) -> np.ndarray:
   return tokenizer.encode([str(c) for c in captions[:int(config.log.sample_prompts)]])
 
 
-def diffusion_preview(config, stage: Stage, student, latents=None,
-                      tokenizer=None) -> Preview:
+def diffusion_preview(config, kind: str, student, latents=None, tokenizer=None) -> Preview:
   """Sample grids of a teacher / student (guided DDIM for the teacher, 2 NFE per step)."""
   clip = (-1.0, 1.0) if config.diffusion.clip_x else None
-  spec = sampling.SamplerSpec("ddim", guided=stage.kind == "teacher", clip=clip,
+  spec = sampling.SamplerSpec("ddim", guided=kind == "teacher", clip=clip,
                               schedule=schedules.from_config(config.diffusion))
   from gdistill.stage_setup import example_shape
   sampler = sampling.make_sampler(student, spec, example_shape(config))
@@ -62,9 +63,10 @@ def diffusion_preview(config, stage: Stage, student, latents=None,
   conds = grid_conditions(config, student, tokenizer)
   cond = np.concatenate([conds] * len(ws))
   w = np.repeat(np.asarray(ws, np.float32), len(conds))
-  steps = stage.student_steps or int(config.log.sample_steps or config.progressive.start_steps)
+  default_steps = int(config.log.sample_steps or config.progressive.start_steps)
 
-  def preview(params, step: int, dash: dashboard.Dashboard, workdir: str) -> str:
+  def preview(params, stage: Stage, step: int, dash: dashboard.Dashboard, workdir: str) -> str:
+    steps = stage.student_steps or default_steps
     z = sampler(params, jax.random.key(1234), jnp.asarray(cond), jnp.asarray(w),
                 jnp.int32(steps))
     x = np.asarray(jax.device_get(decode(z)))
@@ -75,14 +77,14 @@ def diffusion_preview(config, stage: Stage, student, latents=None,
   return preview
 
 
-def autoencoder_preview(config, stage: Stage, model, num: int = 16) -> Preview:
+def autoencoder_preview(config, model, num: int = 16) -> Preview:
   """Training images (top row) and their reconstructions (bottom row)."""
   from gdistill import data
   images = data.global_batch(config.data, global_batch_size=num, seed=0, step=0,
                              host_normalize=True, tokenizer=_any_tokenizer(config))["x"]
   recon = jax.jit(lambda p, x: jnp.clip(model.decode(p, model.encode(p, x)[0]), -1.0, 1.0))
 
-  def preview(params, step: int, dash: dashboard.Dashboard, workdir: str) -> str:
+  def preview(params, stage: Stage, step: int, dash: dashboard.Dashboard, workdir: str) -> str:
     x = np.asarray(jax.device_get(recon(params, jnp.asarray(images))))
     path = _png_path(workdir, stage, step)
     _publish(path, np.concatenate([images, x]), 2, stage, step, dash)
@@ -95,7 +97,8 @@ def _any_tokenizer(config) -> Optional[object]:
   return conditioning.tokenizer_for(config)
 
 
-def make_preview(config, stage: Stage, student, latents=None, tokenizer=None) -> Preview:
-  if stage.kind == "autoencoder":
-    return autoencoder_preview(config, stage, student)
-  return diffusion_preview(config, stage, student, latents, tokenizer)
+def make_preview(config, kind: str, student, latents=None, tokenizer=None) -> Preview:
+  """The preview of a stage kind."""
+  if kind == "autoencoder":
+    return autoencoder_preview(config, student)
+  return diffusion_preview(config, kind, student, latents, tokenizer)

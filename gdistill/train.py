@@ -169,7 +169,7 @@ def run_stage(config, workdir: str, stage: Stage, mesh, programs: Optional[dict]
     loss_fn = losses.make_loss(stage.kind, student=s.student, teacher=s.teacher,
                                config=config)
     programs[key] = (make_train_step(loss_fn, s, section, mesh),
-                     previews.make_preview(config, stage, s.student, latents, tokenizer))
+                     previews.make_preview(config, stage.kind, s.student, latents, tokenizer))
   step_fn, preview = programs[key]
   dash = dashboard.Dashboard(sdir, stage.name, total, int(section.batch_size), start,
                              throughput_fn=throughput_fn(config, stage, mesh),
@@ -226,7 +226,7 @@ def run_stage(config, workdir: str, stage: Stage, mesh, programs: Optional[dict]
       if done % ckpt_every == 0 or done == total:
         ck.save(done, state, extra)
       if sample_every and done % sample_every == 0 and done != total:
-        preview(state.get("ema", state["params"]), done, dash, workdir)
+        preview(state.get("ema", state["params"]), stage, done, dash, workdir)
       if guard.should_stop(done):
         drain(pending)
         if done % ckpt_every and done != total:
@@ -245,7 +245,7 @@ def run_stage(config, workdir: str, stage: Stage, mesh, programs: Optional[dict]
   meta.update(export_extras(config, stage, s, final))
   ckpt_lib.save_export(edir, final, meta)
   t_grid = time.time()
-  png = preview(final, total, dash, workdir)
+  png = preview(final, stage, total, dash, workdir)
   t_grid = time.time() - t_grid
   ck.close()
   dash.close()

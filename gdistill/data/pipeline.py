@@ -81,7 +81,7 @@ def _open(data_cfg, split: str | None = None) -> _Source:
   if data_cfg.name == "digits":
     return _open_digits(_data_dir(data_cfg), split)
   if data_cfg.name == "shapes":
-    return _open_shapes(_data_dir(data_cfg), split)
+    return _open_shapes(_data_dir(data_cfg), split, data_cfg.variant or "full")
   return _open_catalog(data_cfg.name, _data_dir(data_cfg), split)
 
 
@@ -107,10 +107,10 @@ def _open_digits(data_dir: str, split: str) -> _Source:
 
 
 @functools.lru_cache(maxsize=4)
-def _open_shapes(data_dir: str, split: str) -> _Source:
+def _open_shapes(data_dir: str, split: str, variant: str) -> _Source:
   """shapes32 (gdistill/data/shapes.py): prepared in data_dir if needed, held in memory."""
   from gdistill.data import shapes
-  d = shapes.load_split(data_dir, split)
+  d = shapes.load_split(data_dir, split, config=variant)
   images, captions = d["image"], d["caption"]
   info = DatasetInfo("shapes", images.shape[1:], 0, len(images), tuple(shapes.VOCAB))
   return _Source(info, lambda idx: (images[idx], captions[idx]))
@@ -307,7 +307,7 @@ def load_captioned(data_cfg, split: str) -> dict[str, np.ndarray]:
   if data_cfg.name != "shapes":
     raise ValueError(f"data.name={data_cfg.name!r} has no captions")
   from gdistill.data import shapes
-  return shapes.load_split(_data_dir(data_cfg), split)
+  return shapes.load_split(_data_dir(data_cfg), split, config=data_cfg.variant or "full")
 
 
 def load_array(data_cfg, split: str = "train") -> tuple[np.ndarray, np.ndarray]:

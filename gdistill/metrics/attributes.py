@@ -34,7 +34,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import os
 import time
 from typing import Any
 
@@ -44,6 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from gdistill import paths
 
 from gdistill.data import shapes
 
@@ -296,21 +297,18 @@ def save(path: str, state: AttributeClassifier) -> None:
   arrays = {_PARAM_PREFIX + k: np.asarray(v)
             for k, v in traverse_util.flatten_dict(state.params, sep="/").items()}
   arrays[_META_KEY] = np.array(json.dumps(state.metadata, sort_keys=True))
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
-    np.savez(f, **arrays)
-  os.replace(tmp, path)
+  paths.save_npz_atomic(path, arrays)
 
 
 def load(path: str) -> AttributeClassifier:
   """Reads a classifier written by save(); checks the format and every parameter shape."""
-  if not os.path.isfile(path):
+  if not paths.exists(path):
     raise FileNotFoundError(f"No attribute classifier at {path!r}.")
-  with np.load(path, allow_pickle=False) as npz:
-    if _META_KEY not in npz.files:
-      raise ValueError(f"{path!r} is not a gdistill classifier: no {_META_KEY!r} entry.")
-    metadata = json.loads(str(npz[_META_KEY]))
-    flat = {k[len(_PARAM_PREFIX):]: npz[k] for k in npz.files if k.startswith(_PARAM_PREFIX)}
+  npz = paths.load_npz(path)
+  if _META_KEY not in npz:
+    raise ValueError(f"{path!r} is not a gdistill classifier: no {_META_KEY!r} entry.")
+  metadata = json.loads(str(npz[_META_KEY]))
+  flat = {k[len(_PARAM_PREFIX):]: v for k, v in npz.items() if k.startswith(_PARAM_PREFIX)}
   if metadata.get("format") != FORMAT:
     raise ValueError(f"{path!r}: format {metadata.get('format')!r}, expected {FORMAT!r}.")
   dummy = jax.ShapeDtypeStruct((1, shapes.SIZE, shapes.SIZE, 3), jnp.float32)
@@ -329,7 +327,7 @@ def get_or_train(cache_path: str, data: dict, **train_kwargs) -> AttributeClassi
   ValueError rather than being replaced: metrics from different classifiers do not
   compare.
   """
-  if os.path.exists(cache_path):
+  if paths.exists(cache_path):
     state = load(cache_path)
     want = _fingerprint(_check_images(data["image"]), *cell_targets(data))
     have = state.metadata.get("data_fingerprint")
@@ -339,7 +337,6 @@ def get_or_train(cache_path: str, data: dict, **train_kwargs) -> AttributeClassi
                        "change).")
     return state
   state = train(data, **train_kwargs)
-  os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
   save(cache_path, state)
   return state
 

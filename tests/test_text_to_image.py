@@ -1,0 +1,163 @@
+"""Latent text-to-image: the shapes pipeline end to end on tiny models and the tiny variant of
+the data (autoencoder -> teacher -> guided -> progressive rounds -> evaluation), the student
+starting exactly at the conditional teacher, the frozen text encoder, prompts in the API and
+in --mode=sample."""
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gdistill
+from gdistill import conditioning, driver, evaluate, optim, plan, stage_setup
+from gdistill.denoiser import student_params_from_teacher
+from gdistill.models.unet_cond import guidance_scale_embedding
+import util
+
+TINY = {
+    "data.variant": "tiny", "vae.block_out_channels": (8, 16, 16), "vae.norm_num_groups": 4,
+    "model.block_out_channels": (16, 32), "model.num_groups": 8,
+    "model.attention_head_dim": 2, "model.time_cond_proj_dim": 16,
+    "text.hidden_size": 16, "text.intermediate_size": 32, "text.num_hidden_layers": 1,
+    "text.num_attention_heads": 2, "text.max_length": 16,
+    "autoencoder.num_steps": 6, "autoencoder.batch_size": 16, "autoencoder.scale_examples": 64,
+    "teacher.num_steps": 6, "teacher.batch_size": 16, "guided.num_steps": 3,
+    "guided.batch_size": 16, "progressive.num_steps": 2, "progressive.batch_size": 16,
+    "progressive.start_steps": 4, "checkpoint.every_steps": 1000, "log.every_steps": 3,
+    "log.tensorboard": False, "log.sample_prompts": 2, "log.sample_w": (0.0, 3.0),
+    "eval.steps": (1, 2), "eval.w": (0.0, 3.0), "eval.classifier_steps": 20,
+    "eval.prompts_single": 8, "eval.prompts_two": 8, "eval.prompts_per_group": 2,
+    "eval.batch_size": 48, "sample.num_samples": 6, "sample.batch_size": 6,
+}
+
+
+def shapes_config(tmp, **over):
+  import importlib
+  c = importlib.import_module("configs.shapes").get_config("quick")
+  return util.apply_overrides(c, {"data.data_dir": str(tmp), **TINY, **over})
+
+
+@pytest.fixture(scope="module")
+def shapes_workdir(tmp_path_factory):
+  base = tmp_path_factory.mktemp("shapes")
+  c = shapes_config(base / "tfds")
+  wd = str(base / "wd")
+  driver.train_and_evaluate(c, wd, devices=jax.devices()[:1])
+  return wd, c
+
+
+def test_the_plan_of_a_latent_text_model():
+  c = shapes_config("/x")
+  names = [s.name for s in plan.make_plan(c)]
+  assert names == ["autoencoder", "teacher", "guided", "progressive_2", "progressive_1"]
+  p = {s.name: s for s in plan.make_plan(c)}
+  assert not p["autoencoder"].latent and p["teacher"].latent and p["progressive_1"].latent
+  assert p["teacher"].frozen == () and p["guided"].frozen == ("text_encoder",)
+  c.vae.init_from = "/some/autoencoder/export"       # an autoencoder trained elsewhere
+  assert [s.name for s in plan.make_plan(c)][0] == "teacher"
+
+
+def test_stage_one_student_equals_the_conditional_teacher_at_init(tmp_path):
+  """The w-embedding (diffusers' time_embedding.cond_proj) starts at zero, so the fresh
+  student is the conditional teacher for every w; the teacher's guided prediction at w = 0
+  is the conditional one."""
+  c = shapes_config(tmp_path / "tfds")
+  tok = conditioning.tokenizer_for(c, vocabulary=("a", "red", "circle"))
+  teacher = stage_setup.denoiser_for(c, w_embedding=False, tokenizer=tok)
+  student = stage_setup.denoiser_for(c, w_embedding=True, tokenizer=tok)
+  shape = stage_setup.example_shape(c)
+  # 'rbg': XLA:CPU compiles threefry inits slowly.
+  tp = nn.unbox(jax.jit(teacher.init_fn(shape))(jax.random.key(1, impl="rbg")))
+  tp = jax.tree.map(lambda p: p + 0.05 * jnp.cos(jnp.arange(p.size).reshape(p.shape)), tp)
+  sp = student_params_from_teacher(tp, nn.unbox(jax.jit(student.init_fn(shape))(
+      jax.random.key(2, impl="rbg"))))
+  assert set(sp) == {"unet", "text_encoder"} and "cond_proj" in sp["unet"]["time_embedding"]
+  assert not np.any(np.asarray(sp["unet"]["time_embedding"]["cond_proj"]["kernel"]))
+  z = jax.random.normal(jax.random.key(3), (4,) + shape)
+  logsnr = jnp.array([-4.0, 0.0, 2.0, 6.0])
+  tokens = jnp.asarray(tok.encode(["a red circle", "red", "", "circle a"]))
+  cond = jax.jit(teacher.encode_cond)(tp, tokens)
+  x_t = jax.jit(teacher.x_pred)(tp, z, logsnr, cond)
+  student_x = jax.jit(student.x_pred)
+  for w in (0.0, 3.0):
+    np.testing.assert_allclose(student_x(sp, z, logsnr, cond, jnp.full((4,), w)), x_t,
+                               rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(jax.jit(teacher.guided_x_pred)(tp, z, logsnr, cond,
+                                                            jnp.zeros((4,))), x_t,
+                             rtol=1e-5, atol=1e-5)
+  # The null condition is the empty caption's encoding (Stable Diffusion's convention).
+  np.testing.assert_allclose(jax.jit(teacher.null_cond, static_argnums=1)(tp, 2)[0],
+                             cond[2], atol=1e-5)  # tokens[2] is ""
+  # The w input is diffusers' guidance-scale embedding of w (float32, as theirs).
+  emb = np.asarray(guidance_scale_embedding(jnp.array([3.0]), 16))
+  half = 8
+  f = np.exp(np.arange(half, dtype=np.float32) * -np.float32(np.log(10000.0) / (half - 1)))
+  arg = np.float32(3000.0) * f
+  # float32 sin of arguments up to 3000 rad: one ulp of the argument is 2.4e-4.
+  np.testing.assert_allclose(emb[0], np.concatenate([np.sin(arg), np.cos(arg)]), atol=3e-4)
+
+
+def test_frozen_groups_get_no_update_and_no_optimizer_state():
+  c = util.quick_config()
+  opt = optim.make_optimizer(c.guided, frozen=("text_encoder",))
+  params = {"unet": {"w": jnp.ones((3,))}, "text_encoder": {"e": jnp.ones((2,))}}
+  state = opt.init(params)
+  assert "text_encoder" not in str(jax.tree_util.tree_structure(state))
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = opt.update(grads, state, params)
+  assert not np.any(np.asarray(updates["text_encoder"]["e"]))
+  assert np.all(np.asarray(updates["unet"]["w"]) != 0)
+
+
+def test_shapes_pipeline_end_to_end(shapes_workdir):
+  wd, c = shapes_workdir
+  meta = {n: util.load_export(os.path.join(wd, n, "export")) for n in
+          ("autoencoder", "teacher", "guided", "progressive_1")}
+  ae = meta["autoencoder"][1]
+  assert ae["kind"] == "autoencoder" and ae["scaling_factor"] > 0 and "psnr_test" in ae
+  t = meta["teacher"][1]
+  assert t["schedule"]["name"] == "scaled_linear" and t["parametrization"] == "eps"
+  assert t["latent"] and t["text"]["hidden_size"] == 16 and t["tokenizer"]["vocab"]
+  # The text encoder trained with the teacher is frozen in every later stage.
+  te = meta["teacher"][0]["text_encoder"]
+  for name in ("guided", "progressive_1"):
+    util.assert_trees_identical(meta[name][0]["text_encoder"], te)
+    assert "cond_proj" in meta[name][0]["unet"]["time_embedding"]
+  results = evaluate.paths.read_json(os.path.join(wd, "eval", "results.json"))
+  assert results["task"] == "text" and len(results["rows"]) == 2 * 6
+  for r in results["rows"]:
+    assert 0 <= r["adh1"] <= 1 and 0 <= r["adh2"] <= 1 and np.isfinite(r["fd"])
+    assert np.isfinite(r["div"]) and r["div"] >= 0
+  md = open(os.path.join(wd, "eval", "results.md")).read()
+  assert "| Method | Stage | Sampler | N | NFE | w=0 1-obj | w=0 2-obj | w=0 div | w=0 FD |" in md
+  for f in ("adh2_vs_div.png", "fd_vs_nfe.png", "grids/progressive_1-ddim-N1.png"):
+    assert os.path.getsize(os.path.join(wd, "eval", f)) > 0, f
+
+
+def test_prompts_in_the_api_and_in_sample_mode(shapes_workdir, tmp_path):
+  wd, c = shapes_workdir
+  model = gdistill.load(wd)
+  assert model.stage == "progressive_1" and model.text_conditioned
+  prompts = ["a red circle in the top left", "a blue square left of a green triangle"]
+  x = model.sample(prompts=prompts, w=3.0, steps=1, rng=0)
+  assert x.shape == (2, 32, 32, 3) and np.all(np.abs(x) <= 1.0)
+  np.testing.assert_array_equal(x, model.sample(prompts=prompts, w=3.0, steps=1, rng=0))
+  with pytest.raises(ValueError, match="pass prompts"):
+    model.sample([1, 2])
+  pfile = tmp_path / "p.txt"
+  pfile.write_text("\n".join(prompts) + "\n\n")
+  c = c.copy_and_resolve_references()
+  c.sample.update(dict(prompts_file=str(pfile), out=str(tmp_path / "s.npz"), w=3.0,
+                       latents_out=str(tmp_path / "z.npz")))
+  info = evaluate.sample_to_file(c, wd)
+  assert info["nfe"] == 1 and os.path.getsize(tmp_path / "s.png") > 0
+  with np.load(tmp_path / "s.npz", allow_pickle=False) as f:
+    assert f["images"].shape == (6, 32, 32, 3) and f["images"].dtype == np.uint8
+    assert list(f["prompts"]) == [prompts[i % 2] for i in range(6)]
+  with np.load(tmp_path / "z.npz", allow_pickle=False) as f:
+    assert f["latents"].shape == (6, 8, 8, 4)
+  c.sample.prompts_file = str(tmp_path / "missing.txt")
+  with pytest.raises(evaluate.config_lib.ConfigError, match="prompts_file"):
+    evaluate.sample_to_file(c, wd)
