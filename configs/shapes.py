@@ -18,39 +18,45 @@ def get_config(arg: str = ""):
   c = config_lib.base_config()
   c.stage = "pipeline"
   c.data.update(dict(name="shapes", num_classes=0))
+  # AutoencoderKL 32x32x3 -> 8x8x4 (f = 4). Sized for the CPU: the 32x32 level is the cost.
   c.vae.update(dict(enabled=True, image_size=32, image_channels=3,
-                    block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=4,
-                    norm_num_groups=16))
+                    block_out_channels=(8, 32, 32), layers_per_block=1, latent_channels=4,
+                    norm_num_groups=8))
+  # UNet2DConditionModel on the 8x8x4 latents: cross-attention at 4x4 and in the mid block
+  # (SD 1.5 puts it on its three finer levels; at 8x8 here it would double the step time).
   c.model.update(dict(name="unet2d_condition", conditioning="text", channels=4, image_size=8,
-                      num_classes=0, parametrization="eps", dropout=0.0, num_groups=16,
-                      block_out_channels=(64, 128),
-                      down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                      num_classes=0, parametrization="eps", dropout=0.0, num_groups=8,
+                      block_out_channels=(32, 64),
+                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                      up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
                       layers_per_block=1, attention_head_dim=4, time_cond_proj_dim=256))
-  c.text.update(dict(max_length=77, hidden_size=64, intermediate_size=256,
+  # Captions hold at most 13 tokens with BOS and EOS: 16 positions (SD: 77).
+  c.text.update(dict(max_length=16, hidden_size=64, intermediate_size=256,
                      num_hidden_layers=2, num_attention_heads=4))
-  # Stable Diffusion's schedule and loss (epsilon MSE = the 'snr' weighting of the x-loss).
+  # Stable Diffusion's schedule and teacher loss (epsilon MSE = the 'snr' weighting of the
+  # x-loss); the students are distilled with the truncated-SNR weighting of the paper.
   c.diffusion.update(dict(schedule="scaled_linear", num_train_timesteps=1000,
                           beta_start=0.00085, beta_end=0.012, weighting="snr", clip_x=False,
                           p_uncond=0.1, w_min=0.0, w_max=6.0))
-  c.autoencoder.update(dict(num_steps=1500, batch_size=64, lr=2e-3, warmup_steps=50,
+  c.autoencoder.update(dict(num_steps=2000, batch_size=16, lr=6e-3, warmup_steps=50,
                             schedule="cosine"))
-  c.teacher.update(dict(num_steps=4000, batch_size=128, lr=1e-3, warmup_steps=100,
+  c.teacher.update(dict(num_steps=5000, batch_size=64, lr=1e-3, warmup_steps=200,
                         schedule="cosine", ema_decay=0.999))
-  c.guided.update(dict(num_steps=1500, batch_size=128, lr=3e-4, ema_decay=0.995))
-  c.progressive.update(dict(num_steps=300, batch_size=128, lr=2e-4, start_steps=16,
-                            end_steps=1))
+  c.guided.update(dict(num_steps=1200, batch_size=64, lr=3e-4, ema_decay=0.995,
+                       weighting="snr_trunc"))
+  c.progressive.update(dict(num_steps=300, batch_size=64, lr=2e-4, start_steps=16,
+                            end_steps=1, weighting="snr_trunc"))
   c.checkpoint.every_steps = 500
   c.log.update(dict(every_steps=100, sample_w=(0.0, 3.0), sample_prompts=8))
   c.eval.update(dict(w=(0.0, 1.0, 3.0, 5.0), steps=(1, 2, 4, 8), samplers=("ddim",),
                      batch_size=256, classifier_steps=3000))
   if arg == "quick":
-    c.autoencoder.update(dict(num_steps=300, warmup_steps=20))
-    c.teacher.update(dict(num_steps=400, warmup_steps=20))
-    c.guided.update(dict(num_steps=60))
-    c.progressive.update(dict(num_steps=20, start_steps=8))
-    c.checkpoint.every_steps = 100
-    c.log.every_steps = 50
+    c.autoencoder.update(dict(num_steps=600, warmup_steps=20))
+    c.teacher.update(dict(num_steps=800, warmup_steps=50))
+    c.guided.update(dict(num_steps=100))
+    c.progressive.update(dict(num_steps=30, start_steps=8))
+    c.checkpoint.every_steps = 200
+    c.log.every_steps = 100
     c.eval.update(dict(w=(0.0, 3.0), steps=(1, 2, 4), classifier_steps=600,
                        prompts_single=96, prompts_two=48, prompts_per_group=4))
   elif arg:

@@ -42,7 +42,18 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   if not paths.exists(path):
     raise FileNotFoundError(f"{path} is missing: {workdir!r} is not a gdistill workdir "
                             "(train writes config.json before its first stage)")
-  return ml_collections.ConfigDict(paths.read_json(path))
+  from gdistill import config_lib
+  # Keys added to gdistill after the workdir was written take their defaults.
+  return ml_collections.ConfigDict(_merge(config_lib.base_config().to_dict(),
+                                          paths.read_json(path)))
+
+
+def _merge(defaults: dict, saved: dict) -> dict:
+  out = dict(defaults)
+  for k, v in saved.items():
+    out[k] = _merge(defaults[k], v) if isinstance(v, dict) and isinstance(
+        defaults.get(k), dict) else v
+  return out
 
 
 def finished_stages(workdir: str) -> list[str]:
@@ -79,6 +90,7 @@ def _stage_config(config, metadata: dict) -> ml_collections.ConfigDict:
   it even if config.json was rewritten since)."""
   config = ml_collections.ConfigDict(config.to_dict())
   config.model.update(metadata["model"])
+  config.model.parametrization = metadata["parametrization"]  # a student's may differ
   if metadata.get("text"):
     config.text.update(metadata["text"])
   return config

@@ -4,9 +4,9 @@ A latent model (config.vae.enabled) denoises z0 = scaling_factor * mean(q(z | x)
 AutoencoderKL posterior mean of an image x in [-1, 1], scaled to unit variance: the autoencoder
 stage's export records scaling_factor = 1 / std of the latents of `autoencoder.scale_examples`
 training images (the role 0.18215 plays for Stable Diffusion), and the held-out reconstruction
-PSNR. Decoding divides by the scale. The diffusion stages see latents only: the batch finisher
-(Latents.finisher) encodes each batch on the device, and samplers' outputs are decoded for
-images.
+PSNR. Decoding divides by the scale. The diffusion stages see latents only: the training split
+is encoded once (encode_split, cached in the workdir) and the loader serves its latents in the
+dataset's deterministic order; samplers' outputs are decoded for images.
 """
 from __future__ import annotations
 
@@ -113,22 +113,43 @@ class Latents:
     """Latents -> images in [-1, 1] (clipped)."""
     return jnp.clip(self.model.decode(params, z / self.scaling_factor), -1.0, 1.0)
 
-  def finisher(self, mesh) -> Callable[[dict], dict]:
-    """global batch -> the batch with 'x' encoded, jitted with the batch sharding; the
-    autoencoder's parameters are an argument (replicated), never a constant."""
-    out = sharding.batch_sharding(mesh)
-
-    def finish(params, batch):
-      from gdistill import data
-      batch = data.finish_batch(batch)
-      return dict(batch, x=self.encode(params, batch["x"]))
-    fn = jax.jit(finish, out_shardings=out)
-    return lambda batch: fn(self.params, batch)
-
   def decoder(self) -> Callable:
     """Jitted latents -> images in [-1, 1], parameters bound."""
     fn = jax.jit(self.decode)
     return lambda z: fn(self.params, z)
+
+
+def encode_split(latents: Latents, config, workdir: str, split: str,
+                 batch_size: int = 512) -> np.ndarray:
+  """The latents (scaling_factor * posterior mean, float32 [N, h, w, c]) of every image of a
+  split, in dataset order: what the latent stages train on, encoded once instead of at every
+  step. Cached in <workdir>/latents/<split>-<key>.npz, the key covering the autoencoder export
+  and the data; process 0 encodes (on its first device), the others read its file."""
+  from gdistill import data, distributed
+  meta = ckpt_lib.load_export_metadata(latents.path)
+  d = config.data
+  key = config_lib.config_hash([latents.path, meta.get("created"), latents.scaling_factor,
+                                d.name, d.variant, d.data_dir, split])
+  path = paths.join(workdir, "latents", f"{split}-{key}.npz")
+
+  def compute():
+    if paths.exists(path):
+      return paths.load_npz(path)["latents"]
+    cfg = d.copy_and_resolve_references()
+    with cfg.unlocked():
+      cfg.split = split
+    images = (data.load_captioned(cfg, split)["image"] if d.name == "shapes"
+              else data.load_array(cfg, split)[0])
+    params = jax.device_get(latents.params)
+    encode = jax.jit(latents.encode)
+    out = np.concatenate([np.asarray(encode(params, images[i:i + batch_size]))
+                          for i in range(0, len(images), batch_size)]).astype(np.float32)
+    paths.save_npz_atomic(path, {"latents": out})
+    return out
+
+  out = compute() if jax.process_index() == 0 else None
+  distributed.sync(f"latents:{split}:{key}")
+  return out if out is not None else paths.load_npz(path)["latents"]
 
 
 def export_path(config, workdir: str) -> str:

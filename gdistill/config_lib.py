@@ -32,14 +32,18 @@ class ConfigError(ValueError):
 
 def train_section(*, num_steps, batch_size, lr, warmup_steps=0, schedule="constant",
                   grad_clip=1.0, ema_decay=0.0, dropout=None, b1=0.9, b2=0.999,
-                  max_nonfinite=10):
-  """One stage's training settings (teacher, guided or each progressive round)."""
+                  max_nonfinite=10, weighting=""):
+  """One stage's training settings (teacher, guided or each progressive round).
+
+  weighting: the loss weighting of this stage's x-loss ('' = diffusion.weighting), e.g. an
+  epsilon-MSE teacher ('snr') distilled with the truncated-SNR weighting ('snr_trunc').
+  """
   return ml_collections.ConfigDict(dict(
       num_steps=num_steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
       schedule=schedule, grad_clip=grad_clip, ema_decay=ema_decay,
       # None: the model's own dropout; progressive rounds default to 0.
       dropout=ml_collections.FieldReference(dropout, field_type=float),
-      b1=b1, b2=b2, max_nonfinite=max_nonfinite))
+      b1=b1, b2=b2, max_nonfinite=max_nonfinite, weighting=weighting))
 
 
 def default_logical_axis_rules():
@@ -73,6 +77,8 @@ def base_config():
   # time_cond_proj_dim: the students' w-embedding (diffusers' convention). channels and
   # image_size: what the network sees (the latents when config.vae.enabled).
   # attention_impl: '' (XLA) | 'cudnn' | 'reference' (jax.nn.dot_product_attention).
+  # student_parametrization: what the w-conditioned students predict ('' = parametrization;
+  # the same output channels, so they still start from the teacher's weights).
   c.model = dict(name="unet", conditioning="label", ch=64, ch_mult=(1, 2), num_res_blocks=2,
                  attn_resolutions=(4,), head_dim=32, dropout=0.1, num_groups=32,
                  resblock_updown=True, remat=False, num_classes=10, channels=1, image_size=8,
@@ -81,7 +87,7 @@ def base_config():
                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
                  attention_head_dim=4, time_cond_proj_dim=256, use_linear_projection=False,
-                 attention_impl="")
+                 attention_impl="", student_parametrization="")
   # The text encoder of model.conditioning='text': CLIP's text transformer, trained jointly with
   # the teacher (GLIDE) and frozen afterwards; a word-level tokenizer of the dataset's vocabulary
   # with CLIP's conventions (BOS, EOS, EOS padding to max_length).
@@ -275,6 +281,8 @@ def _validate_vae(c):
   for ch in v.block_out_channels:
     _need(ch % v.norm_num_groups == 0, "vae.norm_num_groups", v.norm_num_groups,
           f"must divide every block's channels ({ch})")
+  _need(not c.data.random_flip, "data.random_flip", c.data.random_flip,
+        "must be False for a latent model (its training images are encoded once)")
 
 
 def validate(c, *, num_devices: int, num_processes: int = 1, dataset_info=None):
@@ -296,6 +304,15 @@ def validate(c, *, num_devices: int, num_processes: int = 1, dataset_info=None):
         m.parametrization, f"one of {diffusion.PARAMETRIZATIONS}")
   _need(dcfg.weighting in diffusion.WEIGHTINGS, "diffusion.weighting", dcfg.weighting,
         f"one of {diffusion.WEIGHTINGS}")
+  for name in ("teacher", "guided", "progressive"):
+    _need(c[name].weighting in ("",) + diffusion.WEIGHTINGS, f"{name}.weighting",
+          c[name].weighting, f"'' (diffusion.weighting) or one of {diffusion.WEIGHTINGS}")
+  sp = m.student_parametrization
+  same_width = tuple(p for p in diffusion.PARAMETRIZATIONS if p != "both")
+  _need(sp == "" or (sp in same_width and m.parametrization in same_width)
+        or sp == m.parametrization, "model.student_parametrization", sp,
+        f"'' (model.parametrization) or, for a teacher predicting one of {same_width}, another "
+        "of them (the students start from the teacher's weights)")
   for k in ("dtype", "param_dtype"):
     _need(m[k] in DTYPES, f"model.{k}", m[k], f"one of {DTYPES}")
   _need(0.0 <= dcfg.p_uncond < 1.0, "diffusion.p_uncond", dcfg.p_uncond, "must lie in [0, 1)")

@@ -36,7 +36,8 @@ def export_metadata(config, stage: Stage, *, train_steps: int, parent: Optional[
       "sampling_steps": stage.student_steps,
       "w_conditioned": stage.w_conditioned,
       "w_range": [float(d.w_min), float(d.w_max)] if stage.w_conditioned else None,
-      "parametrization": config.model.parametrization,
+      "parametrization": ((config.model.student_parametrization or config.model.parametrization)
+                          if stage.w_conditioned else config.model.parametrization),
       "schedule": schedules.from_config(d).to_dict(),
       "model": config_lib.arch_dict(config.model),
       "model_hash": config_lib.arch_hash(config.model),

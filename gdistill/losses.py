@@ -40,7 +40,7 @@ def autoencoder_loss(model, acfg) -> Callable:
   return loss_fn
 
 
-def teacher_loss(student: Denoiser, dcfg) -> Callable:
+def teacher_loss(student: Denoiser, dcfg, weighting: str) -> Callable:
   """Classifier-free guided teacher: the condition dropped to null with probability p_uncond
   (the null label, or the empty caption, whose encoding the text encoder learns too)."""
   sched = _schedule(dcfg)
@@ -55,12 +55,12 @@ def teacher_loss(student: Denoiser, dcfg) -> Callable:
     drop = jax.random.bernoulli(r_drop, dcfg.p_uncond, (b,))
     cond = student.encode_cond(params, batch[student.cond_field], drop)
     x_pred = student.x_pred(params, z, logsnr, cond, train=True, rngs={"dropout": r_dropout})
-    per_ex = diffusion.weighted_x_loss(x_pred, x, logsnr, dcfg.weighting)
+    per_ex = diffusion.weighted_x_loss(x_pred, x, logsnr, weighting)
     return jnp.mean(per_ex), {"x_mse": jnp.mean(jnp.square(x_pred - x))}
   return loss_fn
 
 
-def guided_loss(student: Denoiser, teacher: Denoiser, dcfg) -> Callable:
+def guided_loss(student: Denoiser, teacher: Denoiser, dcfg, weighting: str) -> Callable:
   """Stage one: the w-conditioned student matches the guided teacher at w ~ U[w_min, w_max]."""
   sched = _schedule(dcfg)
 
@@ -75,7 +75,7 @@ def guided_loss(student: Denoiser, teacher: Denoiser, dcfg) -> Callable:
     target = jax.lax.stop_gradient(teacher.guided_x_pred(teacher_params, z, logsnr, cond, w))
     x_pred = student.x_pred(params, z, logsnr, cond, w, train=True,
                             rngs={"dropout": r_dropout})
-    per_ex = diffusion.weighted_x_loss(x_pred, target, logsnr, dcfg.weighting)
+    per_ex = diffusion.weighted_x_loss(x_pred, target, logsnr, weighting)
     return jnp.mean(per_ex), {"x_mse": jnp.mean(jnp.square(x_pred - target))}
   return loss_fn
 
@@ -93,7 +93,8 @@ def progressive_target(teacher_x: Callable, z_t, logsnr_t, logsnr_t1, logsnr_t2,
   return jnp.where(diffusion.bcast(is_last, x_tilde), x2, x_tilde)
 
 
-def progressive_loss(student: Denoiser, teacher: Denoiser, dcfg, clip_x: bool) -> Callable:
+def progressive_loss(student: Denoiser, teacher: Denoiser, dcfg, clip_x: bool,
+                     weighting: str) -> Callable:
   """Stage two round: the N-step student matches two DDIM steps of the 2N-step teacher.
 
   N = batch['student_steps'] is traced (an int32 scalar), so every round shares one compile.
@@ -118,7 +119,7 @@ def progressive_loss(student: Denoiser, teacher: Denoiser, dcfg, clip_x: bool) -
 
     target = jax.lax.stop_gradient(progressive_target(teacher_x, z_t, lt, lt1, lt2, i == 0))
     x_pred = student.x_pred(params, z_t, lt, cond, w, train=True, rngs={"dropout": r_dropout})
-    per_ex = diffusion.weighted_x_loss(x_pred, target, lt, dcfg.weighting)
+    per_ex = diffusion.weighted_x_loss(x_pred, target, lt, weighting)
     return jnp.mean(per_ex), {"x_mse": jnp.mean(jnp.square(x_pred - target))}
   return loss_fn
 
@@ -128,11 +129,12 @@ def make_loss(kind: str, *, student, teacher: Denoiser | None, config) -> Callab
   dcfg = config.diffusion
   if kind == "autoencoder":
     return autoencoder_loss(student, config.autoencoder)
+  weighting = config[kind].weighting or dcfg.weighting
   if kind == "teacher":
-    return teacher_loss(student, dcfg)
+    return teacher_loss(student, dcfg, weighting)
   if kind == "guided":
-    return guided_loss(student, teacher, dcfg)
+    return guided_loss(student, teacher, dcfg, weighting)
   if kind == "progressive":
-    return progressive_loss(student, teacher, dcfg, bool(dcfg.clip_x))
+    return progressive_loss(student, teacher, dcfg, bool(dcfg.clip_x), weighting)
   raise ValueError(f"unknown stage kind {kind!r}; valid: autoencoder, teacher, guided, "
                    "progressive")

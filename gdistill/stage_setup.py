@@ -62,12 +62,22 @@ def stage_seed(config, stage: Stage) -> int:
   return (int(config.seed) * 1_000_003 + zlib.crc32(stage.name.encode())) % (2 ** 31)
 
 
+def parametrization(config, w_conditioned: bool) -> str:
+  """What a model predicts: the teacher model.parametrization, the w-conditioned students
+  model.student_parametrization (when set)."""
+  m = config.model
+  return (m.student_parametrization or m.parametrization) if w_conditioned else m.parametrization
+
+
 def denoiser_for(config, *, w_embedding: bool, dropout: Any = None,
                  tokenizer=None) -> Denoiser:
   """The config's denoiser (tokenizer: the text model's; looked up from the dataset if None)."""
   if tokenizer is None:
     tokenizer = conditioning.tokenizer_for(config)
-  return build_denoiser(config.model, w_embedding=w_embedding, dropout=dropout,
+  model_cfg = config.model.copy_and_resolve_references()
+  with model_cfg.unlocked():
+    model_cfg.parametrization = parametrization(config, w_embedding)
+  return build_denoiser(model_cfg, w_embedding=w_embedding, dropout=dropout,
                         schedule=schedules.from_config(config.diffusion), text_cfg=config.text,
                         tokenizer=tokenizer)
 

@@ -67,18 +67,13 @@ def make_train_step(loss_fn: Callable, s: StageSetup, section, mesh):
                  donate_argnums=(0,))
 
 
-def batch_finisher(mesh, latents: Optional[autoencoding.Latents] = None,
-                   fields: tuple[str, ...] = ("x", "label")) -> Callable[[dict], dict]:
+def batch_finisher(mesh, fields: tuple[str, ...] = ("x", "label")) -> Callable[[dict], dict]:
   """global batch -> the batch the train step takes (its `fields`): data.finish_batch jitted
   with the batch sharding for uint8 batches (config.data.normalize_on_device); float batches
-  pass through untouched (and compile nothing). A latent stage's finisher also encodes the
-  images with the frozen autoencoder (Latents.finisher)."""
+  (points, a latent model's encoded images) pass through untouched (and compile nothing)."""
   keep = set(fields) | {"flip"}
   select = lambda batch: batch if set(batch) <= keep else {k: v for k, v in batch.items()
                                                            if k in keep}
-  if latents is not None:
-    encode = latents.finisher(mesh)
-    return lambda batch: encode(select(batch))
   finish = jax.jit(data.finish_batch, out_shardings=sharding.batch_sharding(mesh))
 
   def run(batch):
@@ -203,12 +198,14 @@ def run_stage(config, workdir: str, stage: Stage, mesh, programs: Optional[dict]
       dash.scalars(pstep, m)
 
   step = start
-  finish = batch_finisher(mesh, latents, s.batch_fields)
+  finish = batch_finisher(mesh, s.batch_fields)
+  encoded = (None if latents is None else
+             autoencoding.encode_split(latents, config, workdir, config.data.split))
   with data.make_loader(config.data, global_batch_size=int(section.batch_size), seed=seed,
                         start_step=start, process_index=jax.process_index(),
                         process_count=jax.process_count(),
                         host_normalize=not config.data.normalize_on_device,
-                        tokenizer=tokenizer) as loader:
+                        tokenizer=tokenizer, examples=encoded) as loader:
     for step, local in loader:
       if step >= total:
         break

@@ -219,14 +219,25 @@ def _flip_mask(seed: int, step: int, global_batch_size: int, lo: int, hi: int) -
 
 
 def _reader(data_cfg, source: _Source, *, global_batch_size: int, seed: int,
-            lo: int, hi: int, host_normalize: bool = True,
-            tokenizer=None) -> Callable[[int], dict[str, np.ndarray]]:
+            lo: int, hi: int, host_normalize: bool = True, tokenizer=None,
+            examples: np.ndarray | None = None) -> Callable[[int], dict[str, np.ndarray]]:
   """step -> rows [lo, hi) of the global batch at that step.
 
   host_normalize=False: image datasets give uint8 'x' and, with random_flip, the bool 'flip'
   mask for finish_batch (toy2d's points are float32 either way). Captioned datasets give
   'tokens' (tokenizer.encode of the captions, int32 [b, L]) where the others give 'label'.
+  examples: float32 [N, ...] in dataset order (a latent model's encoded images) served as 'x'
+  instead of the images.
   """
+  if examples is not None:
+    if len(examples) != source.info.num_examples or data_cfg.random_flip:
+      raise ValueError(f"examples for {len(examples)} rows, the dataset has "
+                       f"{source.info.num_examples} (and random_flip must be off)")
+    fetch = source.fetch
+    source = dataclasses.replace(
+        source, info=dataclasses.replace(source.info, shape=tuple(examples.shape[1:])),
+        fetch=lambda idx: (examples[idx], fetch(idx)[1]))
+    host_normalize = True
   if source.info.captioned and tokenizer is None:
     raise ValueError(f"dataset {source.info.name!r} has captions: pass the model's tokenizer")
   if global_batch_size < 1 or seed < 0:
@@ -260,7 +271,7 @@ def _reader(data_cfg, source: _Source, *, global_batch_size: int, seed: int,
       if flip_images:
         out["flip"] = _flip_mask(seed, step, global_batch_size, lo, hi)
       return out
-    x = normalize(images)
+    x = images if images.dtype == np.float32 else normalize(images)
     if flip_images:
       flip = _flip_mask(seed, step, global_batch_size, lo, hi)
       x[flip] = x[flip][:, :, ::-1]  # [b, H, W, C]: mirror W.
@@ -395,11 +406,13 @@ class _Failure:
 
 def make_loader(data_cfg, *, global_batch_size: int, seed: int, start_step: int,
                 process_index: int = 0, process_count: int = 1,
-                prefetch: int = 2, host_normalize: bool = True, tokenizer=None) -> Loader:
+                prefetch: int = 2, host_normalize: bool = True, tokenizer=None,
+                examples: np.ndarray | None = None) -> Loader:
   """This process's rows of the global batch at start_step, start_step + 1, ...
 
   host_normalize=False: uint8 image batches for finish_batch on the device (module doc).
-  tokenizer: encodes a captioned dataset's captions into 'tokens'.
+  tokenizer: encodes a captioned dataset's captions into 'tokens'. examples: served as 'x'
+  instead of the images (_reader).
   """
   if global_batch_size % process_count or not 0 <= process_index < process_count:
     raise ValueError(
@@ -413,5 +426,6 @@ def make_loader(data_cfg, *, global_batch_size: int, seed: int, start_step: int,
   lo, hi = process_index * local, (process_index + 1) * local
   source = _open(data_cfg)  # Fails here, not in the thread, if data is missing.
   read = _reader(data_cfg, source, global_batch_size=global_batch_size, seed=seed,
-                 lo=lo, hi=hi, host_normalize=host_normalize, tokenizer=tokenizer)
+                 lo=lo, hi=hi, host_normalize=host_normalize, tokenizer=tokenizer,
+                 examples=examples)
   return Loader(read, start_step=start_step, prefetch=prefetch, info=source.info)
