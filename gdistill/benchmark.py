@@ -43,7 +43,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from gdistill import config_lib, flops, losses, runtime, sampling, schedules, sharding, stage_setup, train
-from gdistill.benchmark_loader import LOADER_MODES, bench_loader, loader_markdown
+from gdistill.benchmark_loader import LOADER_MODES, StepCase, bench_loader, loader_markdown
 from gdistill.denoiser import student_params_from_teacher
 from gdistill.plan import Stage
 
@@ -214,29 +214,6 @@ def _check_fits(mem: dict, batch: int, limit: int) -> None:
     fixed = mem["argument_size_in_bytes"]
     per_example = max(peak - fixed, 1) / batch
     raise TooBig(batch, peak, limit, int(max(limit - fixed, 0) / per_example))
-
-
-@dataclasses.dataclass
-class StepCase:
-  """A compiled train step with its live (donated, replaced every step) state."""
-  kind: str
-  batch_size: int
-  compiled: object
-  state: dict
-  teacher_params: object
-  batch: dict
-  timings: dict
-  xla_total: float
-  xla_matmul: float
-  memory: dict
-  metrics: object = None
-
-  def step(self) -> float:
-    """One synchronized step; returns its wall-clock seconds."""
-    t = time.perf_counter()
-    self.state, self.metrics = self.compiled(self.state, self.teacher_params, self.batch)
-    jax.block_until_ready((self.state, self.metrics))
-    return time.perf_counter() - t
 
 
 def prepare_step(config, kind: str, mesh, *, memory_limit: int = 0) -> StepCase:

@@ -12,12 +12,32 @@ import time
 import jax
 import numpy as np
 
-from typing import TYPE_CHECKING
-
 from gdistill import data, runtime, sharding, train
 
-if TYPE_CHECKING:
-  from gdistill.benchmark import StepCase
+
+@dataclasses.dataclass
+class StepCase:
+  """A compiled train step with its live (donated, replaced every step) state."""
+  kind: str
+  batch_size: int
+  compiled: object
+  state: dict
+  teacher_params: object
+  batch: dict
+  timings: dict
+  xla_total: float
+  xla_matmul: float
+  memory: dict
+  metrics: object = None
+
+  def step(self) -> float:
+    """One synchronized step; returns its wall-clock seconds."""
+    t = time.perf_counter()
+    self.state, self.metrics = self.compiled(self.state, self.teacher_params, self.batch)
+    jax.block_until_ready((self.state, self.metrics))
+    return time.perf_counter() - t
+
+
 
 
 def _loop(case: StepCase, batches, n: int) -> float:

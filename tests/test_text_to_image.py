@@ -161,3 +161,23 @@ def test_prompts_in_the_api_and_in_sample_mode(shapes_workdir, tmp_path):
   c.sample.prompts_file = str(tmp_path / "missing.txt")
   with pytest.raises(evaluate.config_lib.ConfigError, match="prompts_file"):
     evaluate.sample_to_file(c, wd)
+
+
+def test_latents_are_cached_once_and_scaled_to_unit_variance(shapes_workdir):
+  """The training images are encoded once into W/latents/ (the diffusion stages' data); the
+  autoencoder's scaling factor makes them unit-variance; decoding inverts the scale."""
+  wd, c = shapes_workdir
+  files = os.listdir(os.path.join(wd, "latents"))
+  assert len(files) == 1 and files[0].startswith("train-")
+  from gdistill import autoencoding, paths, sharding
+  mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
+  lat = autoencoding.load(c, wd, (32, 32, 3), mesh)
+  cached = autoencoding.encode_split(lat, c, wd, "train")
+  assert cached.shape == (512, 8, 8, 4) and cached.dtype == np.float32
+  assert abs(float(np.std(cached)) - 1.0) < 0.25, np.std(cached)
+  images = evaluate.scoring.data.load_captioned(c.data, "train")["image"][:8]
+  np.testing.assert_allclose(np.asarray(jax.jit(lat.encode)(lat.params, images)), cached[:8],
+                             rtol=1e-4, atol=1e-4)
+  x = np.asarray(lat.decoder()(jnp.asarray(cached[:8])))
+  assert x.shape == (8, 32, 32, 3) and np.all(np.abs(x) <= 1.0)
+  assert paths.load_npz(os.path.join(wd, "latents", files[0]))["latents"].shape == cached.shape
