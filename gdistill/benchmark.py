@@ -3,29 +3,22 @@
   python -m gdistill.benchmark --config=configs/digits.py [--config.key=value ...] \
       [--out=DIR] [--steps=10]
 
-Measures the teacher step, the stage-one ('guided') step, a progressive step and sampling (the
-guided teacher at N steps = 2N NFE, the w-student at N and at progressive.end_steps), built
-as training builds them (train.setup_stage, losses.make_loss, train.make_train_step), on
-synthetic batches and random parameters filled on the host (no workdir, no dataset):
-  compile time: trace + lower + XLA compile, and whether the persistent cache served it;
-  median synchronized step time after warm-up: the train steps run in interleaved rounds, so
-    they share whatever else the host runs; images/s per device;
-  model FLOPs per image: flops.py's analytic count, XLA's count of the same dots and
-    convolutions, XLA's count of every op; achieved FLOP/s and MFU per device against
-    flops.peak_flops (data sheet; on CPU the best of two matmul ceilings measured here);
-  XLA's memory analysis of each compiled program;
-  'loader' (on request only: --only=loader, or listed with the others): the teacher step fed
-    by the real input pipeline (data.make_loader, its prefetch thread, global_batch_from_local)
-    against the same step fed one pre-built device batch, with the loader normalizing on the
-    host and on the device (data.normalize_on_device), in alternating blocks of steps run as
-    train.run_stage runs them; the loader's share of the step time, measured and from its
-    pieces timed alone (also for a synthetic 64x64x3 source). It needs the dataset (digits
-    prepares itself); an unprepared one is reported as skipped.
-Prints a markdown table; writes benchmark.json and benchmark.md under --out (default $OUT, else
-the current directory). --batch_sizes=512,256 tries each step kind at those global batches in
-turn and keeps the first that fits: a compiled step whose XLA peak memory exceeds the device's
-limit skips to the largest listed batch predicted to fit; an out-of-memory error at run time
-moves on to the next.
+Measures the teacher, stage-one ('guided') and progressive train steps and sampling (the guided
+teacher at N steps = 2N NFE, the w-student at N and at progressive.end_steps), built as
+training builds them (train.setup_stage, losses.make_loss, train.make_train_step), on
+synthetic batches and random parameters filled on the host (no workdir, no dataset): compile
+time (and whether the persistent cache served it); the median synchronized step time after
+warm-up, the train steps in interleaved rounds; images/s per device; model FLOPs per image
+(flops.py's analytic count, XLA's count of the same dots and convolutions and of every op),
+FLOP/s and MFU against flops.peak_flops (data sheet; on CPU a measured matmul ceiling); XLA's
+memory analysis. 'loader' (on request: --only=loader) times the teacher step fed by the real
+input pipeline (host or device normalization) against a pre-built device batch, in
+alternating blocks, and the loader's pieces alone (also a synthetic 64x64x3 source); it needs
+the dataset (digits prepares itself; an unprepared one is reported as skipped).
+Prints a markdown table; writes benchmark.json and benchmark.md under --out ($OUT, else .).
+--batch_sizes=512,256 tries each step kind at those global batches in turn, keeping the first
+that fits (a compiled step over the device's memory skips to the largest listed batch predicted
+to fit; an out-of-memory error at run time moves on to the next).
 """
 from __future__ import annotations
 
@@ -42,7 +35,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from gdistill import config_lib, flops, losses, runtime, sampling, schedules, sharding, stage_setup, train
+from gdistill import (config_lib, flops, losses, paths, runtime, sampling, schedules, sharding,
+                      stage_setup, train)
 from gdistill.benchmark_loader import LOADER_MODES, StepCase, bench_loader, loader_markdown
 from gdistill.denoiser import student_params_from_teacher
 from gdistill.plan import Stage
@@ -56,8 +50,7 @@ STEP_KINDS = ("teacher", "guided", "progressive")
 
 @dataclasses.dataclass(frozen=True)
 class _Parentless(Stage):
-  """A stage that setup_stage builds without loading a parent (kind 'teacher' there), with the
-  real stage's section and w-embedding; the benchmark supplies random teacher parameters."""
+  """A stage built without loading a parent, with the real stage's section and w-embedding."""
   w: bool = False
 
   @property
@@ -121,10 +114,16 @@ def setup(config, stage: Stage, mesh, *, abstract_teacher: bool = False) -> trai
   return dataclasses.replace(s, teacher=teacher, teacher_params=tp, teacher_shardings=t_shard)
 
 
-def synthetic_batch(config, batch_size: int, mesh, student_steps: int) -> dict:
+def synthetic_batch(config, batch_size: int, mesh, student_steps: int,
+                    fields: tuple[str, ...] = ("x", "label")) -> dict:
+  """Random examples (latents for a latent model) and conditions: labels or token ids."""
   rng = np.random.default_rng(0)
-  local = {"x": rng.uniform(-1, 1, (batch_size,) + train.example_shape(config)).astype(np.float32),
-           "label": rng.integers(0, config.model.num_classes, batch_size).astype(np.int32)}
+  local = {"x": rng.uniform(-1, 1, (batch_size,) + train.example_shape(config)).astype(np.float32)}
+  if "label" in fields:
+    local["label"] = rng.integers(0, config.model.num_classes, batch_size).astype(np.int32)
+  if "tokens" in fields:
+    local["tokens"] = rng.integers(0, config.text.vocab_size, (
+        batch_size, int(config.text.max_length))).astype(np.int32)
   batch = sharding.global_batch_from_local(local, mesh, batch_size)
   batch.update(train.step_scalars(mesh, student_steps, seed=0))
   return batch
@@ -225,7 +224,7 @@ def prepare_step(config, kind: str, mesh, *, memory_limit: int = 0) -> StepCase:
   state = random_state(s)
   loss_fn = losses.make_loss(kind, student=s.student, teacher=s.teacher, config=config)
   step = train.make_train_step(loss_fn, s, section, mesh)
-  batch = synthetic_batch(config, batch_size, mesh, stage.student_steps or 0)
+  batch = synthetic_batch(config, batch_size, mesh, stage.student_steps or 0, s.batch_fields)
   compiled, timings, xla_total, xla_mm = _compile(step, state, s.teacher_params, batch)
   mem = _memory(compiled)
   _check_fits(mem, batch_size, memory_limit)
@@ -449,12 +448,9 @@ def markdown(result: dict) -> str:
 
 
 def write(result: dict, out: str) -> str:
-  os.makedirs(out, exist_ok=True)
-  path = os.path.join(out, "benchmark.json")
-  with open(path, "w") as f:
-    json.dump(result, f, indent=2, default=str)
-  with open(os.path.join(out, "benchmark.md"), "w") as f:
-    f.write(markdown(result) + "\n")
+  path = paths.join(paths.resolve(out), "benchmark.json")
+  paths.write_text_atomic(path, json.dumps(result, indent=2, default=str))
+  paths.write_text_atomic(paths.join(paths.resolve(out), "benchmark.md"), markdown(result) + "\n")
   return path
 
 
@@ -464,8 +460,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from absl import logging
-  logging.set_verbosity(logging.WARNING)
+  from gdistill import console
+  console.capture(paths.resolve(FLAGS.out or os.environ.get("OUT") or "."), "benchmark")
   runtime.enable_compilation_cache(FLAGS.compilation_cache)
   runtime.configure_tensorflow(FLAGS.config.data)
   kinds = tuple(k for k in FLAGS.only.split(",") if k) or DEFAULT_KINDS

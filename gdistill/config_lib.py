@@ -337,7 +337,8 @@ def validate(c, *, num_devices: int, num_processes: int = 1, dataset_info=None):
         "must be a power of two (e.g. 1)")
   _need(p.end_steps < p.start_steps, "progressive.end_steps", p.end_steps,
         f"must be < progressive.start_steps={p.start_steps}")
-  for name in ("autoencoder", "teacher", "guided", "progressive"):
+  trains_autoencoder = bool(c.vae.enabled) and not c.vae.init_from
+  for name in ("autoencoder", "teacher", "guided", "progressive")[0 if trains_autoencoder else 1:]:
     s = c[name]
     _need(s.schedule in SCHEDULES, f"{name}.schedule", s.schedule, f"one of {SCHEDULES}")
     _need(s.num_steps >= 1, f"{name}.num_steps", s.num_steps, "must be >= 1")

@@ -98,9 +98,10 @@ def make_sampler(denoiser: Denoiser, spec: SamplerSpec, example_shape: tuple[int
   return jax.jit(run)
 
 
-def sample(denoiser: Denoiser, params, rng, labels, w, num_steps: int, *,
+def sample(denoiser: Denoiser, params, rng, cond, w, num_steps: int, *,
            example_shape, spec: SamplerSpec = SamplerSpec()):
-  """Convenience: (samples, nfe). Compiles once per (denoiser, spec, shape); prefer make_sampler."""
+  """Convenience: (samples, nfe); cond: labels [B] or token ids [B, L]. Compiles once per
+  (denoiser, spec, shape); prefer make_sampler."""
   fn = make_sampler(denoiser, spec, example_shape)
-  return fn(params, rng, jnp.asarray(labels, jnp.int32), w, jnp.int32(num_steps)), spec.nfe(
+  return fn(params, rng, jnp.asarray(cond, jnp.int32), w, jnp.int32(num_steps)), spec.nfe(
       num_steps)

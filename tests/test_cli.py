@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from gdistill import config_lib, console, driver, lineage, paths, plan, train
@@ -97,6 +98,27 @@ def test_readme_main_command_runs_verbatim_with_a_relative_workdir_and_a_quiet_c
   assert "[teacher] starting" in log  # gdistill's lines are in the log too
   config = json.load(open(os.path.join(wd, "config.json")))
   assert config["sample"]["out"] == "" and config["data"]["data_dir"] == ""
+
+
+def test_the_readme_run_trained_a_teacher_whose_guided_samples_have_the_asked_class(
+    readme_run):
+  """The quick pipeline's teacher (250 steps): its loss falls, and its guided samples are of
+  the asked class by the evaluation's classifier (the results table's accuracy)."""
+  cwd, rc, _, _, _ = readme_run
+  assert rc == 0
+  wd = os.path.join(cwd, "workdirs", "digits")
+  rows = [json.loads(l) for l in open(os.path.join(wd, "teacher", "metrics.jsonl"))]
+  losses = [r["loss"] for r in rows]
+  assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:2]), losses
+  meta = json.load(open(os.path.join(wd, "teacher", "export", "metadata.json")))
+  assert meta["kind"] == "teacher" and meta["train_steps"] == 250
+  assert os.path.exists(os.path.join(wd, "teacher", "samples", "step_0000250.png"))
+  assert os.listdir(os.path.join(wd, "teacher", "tensorboard"))
+  results = json.load(open(os.path.join(wd, "eval", "results.json")))
+  teacher = {(r["steps"], r["w"]): r["accuracy"] for r in results["rows"]
+             if r["stage"] == "teacher"}
+  print("accuracy of the guided teacher's samples (N, w):", teacher)
+  assert teacher[(8, 2.0)] >= 0.9 and teacher[(8, 0.0)] >= 0.8
 
 
 def test_readme_sample_and_evaluate_commands_run_verbatim(readme_run):
