@@ -33,12 +33,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import json
 import time
 from typing import Any
 
 import flax.linen as nn
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,6 +45,7 @@ import optax
 from gdistill import paths
 
 from gdistill.data import shapes
+from gdistill.metrics import saved
 
 FORMAT = "gdistill-attribute-classifier-v1"
 NUM_CELLS = 9
@@ -54,8 +53,6 @@ CELL_FEATURES = 32
 FEATURE_DIM = NUM_CELLS * CELL_FEATURES
 NUM_CLASSES = 1 + len(shapes.COLORS) * len(shapes.SHAPES)  # 0 = empty.
 NUM_SIZES = len(shapes.SIZES)
-_META_KEY = "__metadata__"
-_PARAM_PREFIX = "params/"
 _MIRROR = np.array([3 * r + 2 - c for r in range(3) for c in range(3)])  # Cell under x -> -x.
 
 
@@ -294,30 +291,17 @@ def train(data: dict, *, seed: int = 0, steps: int = 3000, batch_size: int = 64,
 
 def save(path: str, state: AttributeClassifier) -> None:
   """Writes state to path (.npz) atomically: a temporary file, then a rename."""
-  arrays = {_PARAM_PREFIX + k: np.asarray(v)
-            for k, v in traverse_util.flatten_dict(state.params, sep="/").items()}
-  arrays[_META_KEY] = np.array(json.dumps(state.metadata, sort_keys=True))
-  paths.save_npz_atomic(path, arrays)
+  saved.save(path, state.params, state.metadata)
 
 
 def load(path: str) -> AttributeClassifier:
   """Reads a classifier written by save(); checks the format and every parameter shape."""
-  if not paths.exists(path):
-    raise FileNotFoundError(f"No attribute classifier at {path!r}.")
-  npz = paths.load_npz(path)
-  if _META_KEY not in npz:
-    raise ValueError(f"{path!r} is not a gdistill classifier: no {_META_KEY!r} entry.")
-  metadata = json.loads(str(npz[_META_KEY]))
-  flat = {k[len(_PARAM_PREFIX):]: v for k, v in npz.items() if k.startswith(_PARAM_PREFIX)}
-  if metadata.get("format") != FORMAT:
-    raise ValueError(f"{path!r}: format {metadata.get('format')!r}, expected {FORMAT!r}.")
-  dummy = jax.ShapeDtypeStruct((1, shapes.SIZE, shapes.SIZE, 3), jnp.float32)
-  expected = jax.eval_shape(AttributeCNN().init, jax.random.key(0), dummy)["params"]
-  expected = {k: v.shape for k, v in traverse_util.flatten_dict(expected, sep="/").items()}
-  found = {k: v.shape for k, v in flat.items()}
-  if found != expected:
-    raise ValueError(f"{path!r}: parameters {found} do not match AttributeCNN {expected}.")
-  return AttributeClassifier(traverse_util.unflatten_dict(flat, sep="/"), metadata)
+  def check(metadata):
+    if metadata.get("format") != FORMAT:
+      raise ValueError(f"{path!r}: format {metadata.get('format')!r}, expected {FORMAT!r}.")
+    return (saved.abstract_params(AttributeCNN(), (1, shapes.SIZE, shapes.SIZE, 3)),
+            "AttributeCNN")
+  return AttributeClassifier(*saved.load(path, "attribute classifier", check))
 
 
 def get_or_train(cache_path: str, data: dict, **train_kwargs) -> AttributeClassifier:

@@ -20,23 +20,20 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import json
 import time
 from typing import Any
 
 import flax.linen as nn
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from gdistill import paths
+from gdistill.metrics import saved
 
 FORMAT = "gdistill-classifier-v1"
 FEATURE_DIM = 128
-_META_KEY = "__metadata__"
-_PARAM_PREFIX = "params/"
 
 
 class ImageCNN(nn.Module):
@@ -205,35 +202,22 @@ def train_classifier(x, labels, *, num_classes: int, seed: int = 0, steps: int =
 
 def save_classifier(path: str, state: ClassifierState) -> None:
   """Writes state to path (.npz) atomically: a temporary file, then a rename."""
-  arrays = {_PARAM_PREFIX + k: np.asarray(v)
-            for k, v in traverse_util.flatten_dict(state.params, sep="/").items()}
-  arrays[_META_KEY] = np.array(json.dumps(state.metadata, sort_keys=True))
-  paths.save_npz_atomic(path, arrays)
+  saved.save(path, state.params, state.metadata)
 
 
 def load_classifier(path: str) -> ClassifierState:
   """Reads a classifier saved by save_classifier; checks every parameter's shape."""
-  if not paths.exists(path):
-    raise FileNotFoundError(f"No classifier at {path!r}.")
-  npz = paths.load_npz(path)
-  if _META_KEY not in npz:
-    raise ValueError(f"{path!r} is not a gdistill classifier: no {_META_KEY!r} entry.")
-  metadata = json.loads(str(npz[_META_KEY]))
-  flat = {k[len(_PARAM_PREFIX):]: v for k, v in npz.items() if k.startswith(_PARAM_PREFIX)}
-  if metadata.get("format") != FORMAT or metadata.get("arch") not in _ARCHS:
-    raise ValueError(f"{path!r}: format {metadata.get('format')!r} / arch "
-                     f"{metadata.get('arch')!r}; expected {FORMAT!r} / one of {sorted(_ARCHS)}.")
-  arch, num_classes = metadata["arch"], int(metadata["num_classes"])
-  data_shape = tuple(metadata["data_shape"])
-  dummy = jax.ShapeDtypeStruct((1,) + data_shape, jnp.float32)
-  expected = jax.eval_shape(_ARCHS[arch](num_classes).init, jax.random.key(0), dummy)["params"]
-  expected = {k: v.shape for k, v in traverse_util.flatten_dict(expected, sep="/").items()}
-  found = {k: v.shape for k, v in flat.items()}
-  if found != expected:
-    raise ValueError(f"{path!r}: parameters {found} do not match the {arch!r} "
-                     f"architecture {expected}.")
-  params = traverse_util.unflatten_dict(flat, sep="/")
-  return ClassifierState(arch, num_classes, data_shape, params, metadata)
+  def check(metadata):
+    if metadata.get("format") != FORMAT or metadata.get("arch") not in _ARCHS:
+      raise ValueError(f"{path!r}: format {metadata.get('format')!r} / arch "
+                       f"{metadata.get('arch')!r}; expected {FORMAT!r} / one of "
+                       f"{sorted(_ARCHS)}.")
+    module = _ARCHS[metadata["arch"]](int(metadata["num_classes"]))
+    return (saved.abstract_params(module, (1,) + tuple(metadata["data_shape"])),
+            f"the {metadata['arch']!r} architecture")
+  params, metadata = saved.load(path, "classifier", check)
+  return ClassifierState(metadata["arch"], int(metadata["num_classes"]),
+                         tuple(metadata["data_shape"]), params, metadata)
 
 
 def get_or_train_classifier(cache_path: str, x, labels, num_classes: int,
