@@ -52,13 +52,14 @@ def get_config(arg: str = ""):
   c.eval.update(dict(w=(0.0, 1.0, 3.0, 5.0), steps=(1, 2, 4, 8), samplers=("ddim",),
                      batch_size=256, classifier_steps=3000))
   if arg == "quick":
-    c.autoencoder.update(dict(num_steps=600, warmup_steps=20))
-    c.teacher.update(dict(num_steps=800, warmup_steps=50))
-    c.guided.update(dict(num_steps=100))
+    # A smoke test of every stage (its samples are not yet shapes): ~5 min on 2 CPU cores.
+    c.autoencoder.update(dict(num_steps=300, warmup_steps=20))
+    c.teacher.update(dict(num_steps=300, warmup_steps=30))
+    c.guided.update(dict(num_steps=60))
     c.progressive.update(dict(num_steps=30, start_steps=8))
-    c.checkpoint.every_steps = 200
-    c.log.every_steps = 100
-    c.eval.update(dict(w=(0.0, 3.0), steps=(1, 2, 4), classifier_steps=600,
+    c.checkpoint.every_steps = 100
+    c.log.every_steps = 50
+    c.eval.update(dict(w=(0.0, 3.0), steps=(1, 2, 4), classifier_steps=300,
                        prompts_single=96, prompts_two=48, prompts_per_group=4))
   elif arg:
     raise ValueError(f"configs/shapes.py: unknown variant {arg!r}; valid: '' or 'quick'")
