@@ -5,7 +5,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,63 +15,11 @@ import numpy as np
 import pytest
 
 from gdistill import compile_check, distributed, driver, plan, sharding, train
+import procgroup
 import util
 
 # A small U-Net so multi-process runs stay short (cf. test_train's FSDP test).
 SMALL = {"model.dropout": 0.0, "model.ch": 16, "model.head_dim": 16, "model.num_groups": 4}
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _env(devices: int) -> dict:
-  env = dict(os.environ)
-  env.update({"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-              "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu"})
-  return env
-
-
-def _cmd(workdir, overrides, extra=(), config="configs/digits.py:quick") -> list[str]:
-  return [sys.executable, "-m", "gdistill.main",
-          f"--config={os.path.join(util.ROOT, config)}", f"--workdir={workdir}",
-          "--compilation_cache=" + os.environ.get("GDISTILL_TEST_XLA_CACHE",
-                                                  "/tmp/gdistill_test_xla_cache"),
-          *util.cli_args(overrides), *extra]
-
-
-def _start_group(workdir, overrides, *, n: int, devices: int, logdir, heartbeat: int = 100,
-                 port: int = 0, config="configs/digits.py:quick", extra=()):
-  """n processes of gdistill.main over loopback, `devices` CPU devices each; logs in logdir."""
-  port = port or _free_port()
-  procs = []
-  for i in range(n):
-    log = open(os.path.join(logdir, f"proc{i}.log"), "w")
-    flags = [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={n}",
-             f"--process_id={i}", f"--heartbeat_timeout_s={heartbeat}",
-             "--initialization_timeout_s=60", *extra]
-    procs.append((subprocess.Popen(_cmd(workdir, overrides, flags, config), cwd=util.ROOT,
-                                   env=_env(devices), stdout=log, stderr=subprocess.STDOUT),
-                  log))
-  return procs
-
-
-def _wait_group(procs, logdir, timeout=900):
-  t0, rcs = time.time(), []
-  for p, log in procs:
-    try:
-      rcs.append(p.wait(timeout=max(timeout - (time.time() - t0), 1)))
-    finally:
-      log.close()
-  outs = [open(os.path.join(logdir, f"proc{i}.log")).read() for i in range(len(procs))]
-  return rcs, outs
-
-
-def _read(path):
-  with open(path) as f:
-    return f.read()
 
 
 # --- launch detection (pure) ------------------------------------------------------------------
@@ -255,9 +202,9 @@ def test_compile_mode_prints_per_stage_memory_without_materializing(tmp_path):
   wd = str(tmp_path / "wd")
   t0 = time.time()
   out = subprocess.run(
-      _cmd(wd, {"mesh.data": 2, "mesh.fsdp": 4, "data.data_dir": str(tmp_path / "none")},
+      procgroup.cmd(wd, {"mesh.data": 2, "mesh.fsdp": 4, "data.data_dir": str(tmp_path / "none")},
            ["--mode=compile"]),
-      cwd=util.ROOT, env=_env(8), capture_output=True, text=True, timeout=600)
+      cwd=util.ROOT, env=procgroup.env(8), capture_output=True, text=True, timeout=600)
   print(out.stdout, out.stderr[-3000:], f"{time.time() - t0:.1f} s", sep="\n")
   assert out.returncode == 0, out.stderr[-3000:]
   for name in ("teacher", "guided", "progressive_4"):
@@ -295,13 +242,13 @@ def test_two_processes_match_one_process_on_four_devices(tmp_path):
   over = {**MP, "data.data_dir": str(tmp_path / "tfds")}
   one = str(tmp_path / "one")
   os.makedirs(tmp_path / "log1")
-  procs = _start_group(one, over, n=1, devices=4, logdir=str(tmp_path / "log1"))
-  rcs, outs = _wait_group(procs, str(tmp_path / "log1"))
+  procs = procgroup.start_group(one, over, n=1, devices=4, logdir=str(tmp_path / "log1"))
+  rcs, outs = procgroup.wait_group(procs, str(tmp_path / "log1"))
   assert rcs == [0], outs[0][-3000:]
   assert "process 0 of 1; 4 devices (4 local, cpu)" in outs[0]
   two = str(tmp_path / "two")
-  procs = _start_group(two, over, n=2, devices=2, logdir=str(tmp_path))
-  rcs, outs = _wait_group(procs, str(tmp_path))
+  procs = procgroup.start_group(two, over, n=2, devices=2, logdir=str(tmp_path))
+  rcs, outs = procgroup.wait_group(procs, str(tmp_path))
   assert rcs == [0, 0], outs[0][-3000:] + outs[1][-3000:]
   assert "distributed (explicit: coordinator 127.0.0.1:" in outs[0]
   assert "process 0 of 2; 4 devices (2 local, cpu)" in outs[0]
@@ -330,10 +277,10 @@ def _wait_for_line(procs, log, line):
   Bounded by the run's own progress; the hour is only a guard against a hung test."""
   deadline = time.time() + 3600
   while time.time() < deadline:
-    if line in _read(log):
+    if line in procgroup.read(log):
       return True
     if any(p.poll() is not None for p, _ in procs):
-      return line in _read(log)
+      return line in procgroup.read(log)
     time.sleep(0.05)
   return False
 
@@ -352,14 +299,14 @@ def test_a_dead_process_stops_the_other_and_both_resume(tmp_path):
           "data.data_dir": str(tmp_path / "tfds")}
   wd = str(tmp_path / "wd")
   heartbeat = 10
-  procs = _start_group(wd, over, n=2, devices=2, logdir=str(tmp_path), heartbeat=heartbeat)
+  procs = procgroup.start_group(wd, over, n=2, devices=2, logdir=str(tmp_path), heartbeat=heartbeat)
   log0 = os.path.join(str(tmp_path), "proc0.log")
-  assert _wait_for_line(procs, log0, "[teacher] step 4/"), _read(log0)[-3000:]
+  assert _wait_for_line(procs, log0, "[teacher] step 4/"), procgroup.read(log0)[-3000:]
   procs[1][0].send_signal(signal.SIGKILL)
   t_kill = time.time()
   rc0 = procs[0][0].wait(timeout=3600)
   t_exit = time.time() - t_kill
-  _, outs = _wait_group(procs, str(tmp_path))
+  _, outs = procgroup.wait_group(procs, str(tmp_path))
   print(f"survivor exited {t_exit:.1f} s after the kill with rc {rc0}")
   # gdistill's peer watchdog stops the survivor before JAX's coordination service would abort
   # it (at heartbeat_timeout_s, with a fatal log and thread dumps: rc -6), with one line naming
@@ -374,8 +321,8 @@ def test_a_dead_process_stops_the_other_and_both_resume(tmp_path):
   assert steps and steps[-1] >= 2
   # Rerunning both resumes from the last committed checkpoint and finishes.
   over["teacher.num_steps"] = steps[-1] + 2
-  procs = _start_group(wd, over, n=2, devices=2, logdir=str(tmp_path))
-  rcs, outs = _wait_group(procs, str(tmp_path))
+  procs = procgroup.start_group(wd, over, n=2, devices=2, logdir=str(tmp_path))
+  rcs, outs = procgroup.wait_group(procs, str(tmp_path))
   assert rcs == [0, 0], outs[0][-3000:]
   assert f"[teacher] resuming at step {steps[-1]}" in outs[0]
   assert train.is_finished(wd, "teacher")
@@ -405,11 +352,11 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_both_resume(tmp_
           "data.data_dir": str(tmp_path / "tfds")}
   wd = str(tmp_path / "wd")
   group = dict(n=2, devices=1, logdir=str(tmp_path), config=config)
-  procs = _start_group(wd, over, **group)
+  procs = procgroup.start_group(wd, over, **group)
   log0 = os.path.join(str(tmp_path), "proc0.log")
-  assert _wait_for_line(procs, log0, "[teacher] step 4/"), _read(log0)[-3000:]
+  assert _wait_for_line(procs, log0, "[teacher] step 4/"), procgroup.read(log0)[-3000:]
   procs[1][0].send_signal(signal.SIGTERM)
-  rcs, outs = _wait_group(procs, str(tmp_path), timeout=3600)
+  rcs, outs = procgroup.wait_group(procs, str(tmp_path), timeout=3600)
   assert rcs == [0, 0], outs[0][-3000:] + outs[1][-3000:]
   # Each process reports the step it stopped at: the same one, checkpointed.
   stops = [re.findall(r"\[teacher\] preempted at step (\d+)", o) for o in outs]
@@ -422,8 +369,8 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_both_resume(tmp_
   assert ckpts == [step], ckpts  # every_steps=10**7: only the preemption save
   assert not train.is_finished(wd, "teacher")
   total = step + 3
-  procs = _start_group(wd, {**over, "teacher.num_steps": total}, **group)
-  rcs, outs = _wait_group(procs, str(tmp_path))
+  procs = procgroup.start_group(wd, {**over, "teacher.num_steps": total}, **group)
+  rcs, outs = procgroup.wait_group(procs, str(tmp_path))
   assert rcs == [0, 0], outs[0][-3000:] + outs[1][-3000:]
   assert f"[teacher] resuming at step {step}" in outs[0]
   rows = [json.loads(l) for l in open(os.path.join(wd, "teacher", "metrics.jsonl"))]
@@ -471,9 +418,9 @@ dog.stop(clean=True)
 @pytest.mark.parametrize("role", ["die", "leave"])
 def test_peer_watchdog_names_a_dead_peer_and_ignores_one_that_left(tmp_path, role):
   """Two bare processes over loopback (no training): the watchdog alone, in seconds."""
-  port = _free_port()
+  port = procgroup.free_port()
   procs = [subprocess.Popen([sys.executable, "-c", _WATCHDOG_PROC, str(i), str(port), role],
-                            cwd=util.ROOT, env=_env(1), stdout=subprocess.PIPE,
+                            cwd=util.ROOT, env=procgroup.env(1), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for i in range(2)]
   outs = [p.communicate(timeout=900)[0] for p in procs]
   rcs = [p.returncode for p in procs]
@@ -508,9 +455,9 @@ def test_evaluate_and_sample_with_two_processes_match_one_process(tmp_path):
       logdir.mkdir()
       if n == 1:  # a fresh classifier and fresh results for each setting
         shutil.rmtree(os.path.join(wd, "eval"), ignore_errors=True)
-      procs = _start_group(wd, over, n=n, devices=devices, logdir=str(logdir),
+      procs = procgroup.start_group(wd, over, n=n, devices=devices, logdir=str(logdir),
                            extra=[f"--mode={mode}"])
-      rcs, outs = _wait_group(procs, str(logdir))
+      rcs, outs = procgroup.wait_group(procs, str(logdir))
       assert rcs == [0] * n, "\n".join(o[-3000:] for o in outs)
       assert all("error" not in o for o in outs), outs
     with np.load(out, allow_pickle=False) as f:
