@@ -27,10 +27,11 @@ class Preempted(SystemExit):
 
 
 def _handler(signum, frame):
-  del frame
+  """Only sets the flag: the handler runs between two bytecodes of the main thread, which may
+  be inside a write to the console, so printing here could raise ('reentrant call inside
+  BufferedWriter'). The loop reports the stop ('preempted at step N') where it stops."""
+  del signum, frame
   _flag.set()
-  print(f"[gdistill] received signal {signum}: checkpointing at the next step boundary",
-        flush=True)
 
 
 def _sync_service_running() -> bool:

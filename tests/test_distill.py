@@ -106,6 +106,7 @@ def _energy_distance(a, b):
   return 2 * mean_dist(a, b) - mean_dist(a, a) - mean_dist(b, b)
 
 
+@pytest.mark.slow  # a quality check (~1 min); the digits README run covers the pipeline
 def test_toy2d_pipeline_student_beats_teacher_at_4_steps(tmp_path):
   import importlib
   c = importlib.import_module("configs.toy2d").get_config("test")

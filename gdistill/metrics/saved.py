@@ -1,5 +1,5 @@
 """Small evaluation models (the classifiers) saved as one .npz: parameters and JSON metadata,
-no pickle."""
+and no pickling."""
 from __future__ import annotations
 
 import json
