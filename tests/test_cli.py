@@ -46,23 +46,30 @@ def fresh_checkout(root) -> str:
   return str(root)
 
 
-def run_verbatim(command: str, cwd: str, timeout: int = 1800):
+def run_verbatim(command: str, cwd: str, timeout: int = 1800, home: str = ""):
   """A README command as typed (the pip part dropped: the suite's environment has the
   requirements), with the :quick variant of the config."""
   command = command.split("&&")[-1].strip()
   command = command.replace("--config=configs/digits.py ", "--config=configs/digits.py:quick ")
   assert ":quick" in command, command
+  env = dict(user_env(), **({"HOME": home} if home else {}))
   proc = subprocess.run(command.replace("python ", f"{sys.executable} ", 1), shell=True,
-                        cwd=cwd, env=user_env(), capture_output=True, text=True,
-                        timeout=timeout)
+                        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
   return proc.returncode, proc.stdout, proc.stderr, command
 
 
 @pytest.fixture(scope="module")
 def readme_run(tmp_path_factory):
-  """The README's main command, verbatim but for ':quick', in a fresh directory."""
+  """The README's main command, verbatim but for ':quick', in a fresh directory and with a
+  fresh HOME (digits is prepared anew in ~/tensorflow_datasets, as on a new machine; the
+  compilation cache ~/.cache/gdistill is shared with the user's)."""
   cwd = fresh_checkout(tmp_path_factory.mktemp("user"))
-  rc, out, err, command = run_verbatim(readme_commands()["main"], cwd)
+  home = tmp_path_factory.mktemp("home")
+  cache = os.path.expanduser("~/.cache/gdistill")
+  os.makedirs(cache, exist_ok=True)
+  os.makedirs(home / ".cache")
+  os.symlink(cache, home / ".cache" / "gdistill")
+  rc, out, err, command = run_verbatim(readme_commands()["main"], cwd, home=str(home))
   return cwd, rc, out, err, command
 
 

@@ -76,3 +76,11 @@ class Digits8x8(tfds.core.GeneratorBasedBuilder,
     assert images.shape == (NUM_EXAMPLES, 8, 8, 1), images.shape
     for i, (image, label) in enumerate(zip(images, labels)):
       yield i, {"image": _png(image), "label": label}
+
+  # tfds prints "Downloading and preparing dataset ..." and "... downloaded and prepared"
+  # with termcolor whatever its verbosity: embedded data is prepared quietly.
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
