@@ -56,8 +56,10 @@ def ema_decay_at(step, decay: float):
 
 
 def ema_update(ema, params, decay):
-  """ema <- decay * ema + (1 - decay) * params."""
-  return jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype), ema, params)
+  """ema <- decay * ema + (1 - decay) * params, computed as ema + (1 - decay) (params - ema):
+  the same average, and exact where params == ema (a frozen group's average stays bit for bit
+  its value, whatever the compiler does with the arithmetic)."""
+  return jax.tree.map(lambda e, p: (e + (1.0 - decay) * (p - e)).astype(e.dtype), ema, params)
 
 
 def tree_where(pred, new, old):

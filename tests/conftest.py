@@ -1,7 +1,9 @@
 """Test set-up: 8 simulated CPU devices and strict rank promotion, before JAX starts."""
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+import xla_env
+
+os.environ.setdefault("XLA_FLAGS", xla_env.xla_flags(8))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
@@ -16,3 +18,15 @@ jax.config.update("jax_compilation_cache_dir",
                   os.environ.get("GDISTILL_TEST_XLA_CACHE", "/tmp/gdistill_test_xla_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+# The longest files first: with one file per worker at a time (--dist loadfile), a long file
+# that starts last decides the wall-clock time.
+LONGEST_FIRST = ("test_cli.py", "test_text_to_image.py", "test_distill.py")
+
+
+def pytest_collection_modifyitems(items):
+  def rank(item):
+    name = item.path.name
+    return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+  items.sort(key=rank)  # stable: the order inside each file is kept

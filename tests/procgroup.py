@@ -6,6 +6,7 @@ import sys
 import time
 
 import util
+import xla_env
 
 
 def free_port() -> int:
@@ -16,7 +17,7 @@ def free_port() -> int:
 
 def env(devices: int) -> dict:
   env = dict(os.environ)
-  env.update({"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+  env.update({"XLA_FLAGS": xla_env.xla_flags(devices),
               "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu"})
   return env
 

@@ -24,9 +24,11 @@ def test_schedule_endpoints_monotone_inverse():
   lam = d.logsnr_schedule_cosine(t)
   assert bool(jnp.all(jnp.diff(lam) < 0))
   np.testing.assert_allclose(d.t_from_logsnr_cosine(lam), t, atol=2e-5)
+  # Near the ends lambda(t) is steep (|d lambda / d t| ~ 2.5e4 at lambda = -18), so one float32
+  # ulp of t there moves lambda by ~1.5e-3: the round trip is good to a few ulps of t.
   lam2 = jnp.linspace(-19.0, 19.0, 101)
   np.testing.assert_allclose(d.logsnr_schedule_cosine(d.t_from_logsnr_cosine(lam2)), lam2,
-                             rtol=1e-4, atol=1e-3)
+                             rtol=1e-4, atol=5e-3)
 
 
 def test_alpha_sigma_unit_variance():

@@ -147,6 +147,7 @@ def test_kill_and_sigterm_anywhere_then_rerun_is_bit_identical(tmp_path):
   ov = {"data.data_dir": str(tmp_path / "tfds"), "model.ch": 16, "model.head_dim": 16,
         "model.num_groups": 4, "teacher.num_steps": 10,
         "guided.num_steps": 10, "progressive.num_steps": 20, "progressive.start_steps": 2,
+        "teacher.batch_size": 16, "guided.batch_size": 16, "progressive.batch_size": 16,
         "checkpoint.every_steps": 5, "log.every_steps": 5, "eval.enabled": False,
         "log.tensorboard": False}  # no TensorFlow import (~5 s) in each of the 5 processes
   ref, wd = str(tmp_path / "ref"), str(tmp_path / "killed")

@@ -19,6 +19,7 @@ import pytest
 import gdistill
 from gdistill import api, config_lib, evaluate, scoring
 import util
+import xla_env
 
 ROOT = util.ROOT
 N0 = util.TINY_N0
@@ -243,7 +244,7 @@ def test_bad_eval_and_sample_config_is_refused(key, value, match):
 
 def test_cli_sample_of_a_missing_stage_names_the_exports(workdir):
   wd, _ = workdir
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+  env = dict(os.environ, XLA_FLAGS=xla_env.xla_flags(1),
              JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
   proc = subprocess.run(
       [sys.executable, "-m", "gdistill.main", "--config=configs/digits.py:quick",

@@ -17,6 +17,7 @@ import pytest
 
 from gdistill import config_lib, data, driver, train
 import util
+import xla_env
 
 pytestmark = pytest.mark.reliability
 
@@ -179,7 +180,7 @@ _WRITER = textwrap.dedent("""
 
 def test_kill_during_async_checkpoint_write_never_reads_a_partial_step(tmp_path):
   d = str(tmp_path / "ck")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+  env = dict(os.environ, XLA_FLAGS=xla_env.xla_flags(1),
              JAX_PLATFORMS="cpu", PYTHONPATH=util.ROOT)
   p = subprocess.run([sys.executable, "-c", _WRITER, d], env=env, capture_output=True,
                      text=True, timeout=300)

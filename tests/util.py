@@ -10,6 +10,8 @@ import time
 import jax
 import numpy as np
 
+import xla_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -46,7 +48,7 @@ def run_cli(workdir, overrides, *, config="configs/digits.py:quick", kill_on=Non
   """Runs gdistill.main in a subprocess; with kill_on (a substring of an output line) it sends
   `sig` as soon as that line appears. Returns (returncode, output, killed)."""
   env = dict(os.environ)
-  env.update({"XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+  env.update({"XLA_FLAGS": xla_env.xla_flags(1),
               "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "3",
               "JAX_PLATFORMS": "cpu"})
   env.update(extra_env or {})

@@ -8,11 +8,11 @@ keeps scikit-learn's order.
   builder = Digits8x8(data_dir=DIR, file_format='array_record')
   builder.download_and_prepare()
 """
-import io
-
 from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
+
+from gdistill.data import embedded
 
 NAME = "digits8x8"
 NUM_EXAMPLES = 1797
@@ -23,25 +23,7 @@ def to_uint8(pixels: np.ndarray) -> np.ndarray:
   return np.rint(np.asarray(pixels, np.float64) * 255.0 / 16.0).astype(np.uint8)
 
 
-def _png(image: np.ndarray) -> bytes:
-  """Lossless PNG through PIL: tfds would encode numpy arrays through a
-  TensorFlow graph, and importing TensorFlow costs ~10 s."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  buffer = io.BytesIO()
-  Image.fromarray(image[..., 0]).save(buffer, format="PNG")  # uint8 [8, 8]: mode L.
-  return buffer.getvalue()
-
-
-def _already_registered() -> bool:
-  # A second execution of this module (importlib.reload, or the file imported
-  # under another module name) must not register the name again: tfds raises
-  # "Dataset with name digits8x8 already registered." The first class stays
-  # registered; callers here instantiate the class directly anyway.
-  return NAME in tfds.core.registered.list_imported_builders()
-
-
-class Digits8x8(tfds.core.GeneratorBasedBuilder,
-                skip_registration=_already_registered()):
+class Digits8x8(embedded.EmbeddedBuilder, skip_registration=embedded.registered(NAME)):
   """scikit-learn `load_digits`: 8x8 grayscale digits, 10 classes."""
 
   name = NAME
@@ -75,12 +57,4 @@ class Digits8x8(tfds.core.GeneratorBasedBuilder,
     labels = digits.target.astype(np.int64)
     assert images.shape == (NUM_EXAMPLES, 8, 8, 1), images.shape
     for i, (image, label) in enumerate(zip(images, labels)):
-      yield i, {"image": _png(image), "label": label}
-
-  # tfds prints "Downloading and preparing dataset ..." and "... downloaded and prepared"
-  # with termcolor whatever its verbosity: embedded data is prepared quietly.
-  def _log_download_bytes(self) -> None:
-    pass
-
-  def _log_download_done(self) -> None:
-    pass
+      yield i, {"image": embedded.png(image), "label": label}

@@ -32,6 +32,7 @@ import tensorflow_datasets as tfds
 
 from gdistill import paths
 from gdistill.data import digits
+from gdistill.data import embedded
 from gdistill.data import toy2d
 
 _TFDS_NAMES = {
@@ -88,17 +89,8 @@ def _open(data_cfg, split: str | None = None) -> _Source:
 @functools.lru_cache(maxsize=4)
 def _open_digits(data_dir: str, split: str) -> _Source:
   """Prepares digits8x8 in data_dir if needed, then holds it in memory."""
-  builder = digits.Digits8x8(data_dir=data_dir, file_format="array_record")
-  if not builder.is_prepared():
-    config = tfds.download.DownloadConfig(try_download_gcs=False)
-    try:
-      tfds.display_progress_bar(False)  # embedded data: no bars (this process shows none)
-      builder.download_and_prepare(download_config=config)
-    except Exception:
-      # Another process on this host may have finished first and won the rename.
-      builder = digits.Digits8x8(data_dir=data_dir, file_format="array_record")
-      if not builder.is_prepared():
-        raise
+  builder = embedded.prepare(
+      lambda: digits.Digits8x8(data_dir=data_dir, file_format="array_record"))
   images, labels = _read_all(builder.as_data_source(split=split))
   images.flags.writeable = False
   labels.flags.writeable = False

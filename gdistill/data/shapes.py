@@ -35,15 +35,14 @@ prepared quietly (no progress bars, no tfds log lines) on first use:
   data = generate(1000, seed=0)           # dict of numpy arrays, see ATTRIBUTES
   train = load_split(data_dir, "train")   # prepared on first use, then in memory
 """
-import contextlib
 import dataclasses
 import functools
-import io
-import logging
 
 from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
+
+from gdistill.data import embedded
 
 NAME = "shapes32"
 SIZE = 32
@@ -264,14 +263,6 @@ def generate(num: int, seed: int) -> dict[str, np.ndarray]:
               half_extent=extent)
 
 
-def _png(image: np.ndarray) -> bytes:
-  """Lossless PNG through PIL (tfds would encode through TensorFlow, ~10 s to import)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  buffer = io.BytesIO()
-  Image.fromarray(image).save(buffer, format="PNG")  # uint8 [32, 32, 3]: mode RGB.
-  return buffer.getvalue()
-
-
 def _features() -> tfds.features.FeaturesDict:
   pair_int = lambda: tfds.features.Tensor(shape=(2,), dtype=np.int32)
   pair_bool = lambda: tfds.features.Tensor(shape=(2,), dtype=np.bool_)
@@ -294,12 +285,7 @@ class Shapes32Config(tfds.core.BuilderConfig):
   num_test: int = SPLITS["test"][0]
 
 
-def _already_registered() -> bool:
-  # A second execution of this module (importlib.reload) must not register the name again.
-  return NAME in tfds.core.registered.list_imported_builders()
-
-
-class Shapes32(tfds.core.GeneratorBasedBuilder, skip_registration=_already_registered()):
+class Shapes32(embedded.EmbeddedBuilder, skip_registration=embedded.registered(NAME)):
   """Procedural captioned shapes: 'full' (60,000 / 5,000) and 'tiny' (512 / 256, tests)."""
 
   name = NAME
@@ -331,37 +317,8 @@ class Shapes32(tfds.core.GeneratorBasedBuilder, skip_registration=_already_regis
     data = generate(num, seed)
     for i in range(num):
       example = {k: data[k][i] for k in ATTRIBUTES}
-      yield i, dict(example, image=_png(data["image"][i]), caption=str(data["caption"][i]))
-
-  # tfds prints these two lines with termcolor whatever its verbosity: keep preparation quiet.
-  def _log_download_bytes(self) -> None:
-    pass
-
-  def _log_download_done(self) -> None:
-    pass
-
-
-@contextlib.contextmanager
-def quiet_tfds():
-  """No tfds progress bars and only ERROR from absl while inside; both restored on exit.
-
-  tfds logs through absl: INFO lines per split written, WARNINGs that are noise here
-  ("OpenCV is not installed ...", a variant folder without dataset_info.json while
-  another config is being prepared). Process-wide for its duration: tfds' progress switch
-  and the 'absl' logger are global.
-  """
-  from tensorflow_datasets.core.utils import tqdm_utils  # pylint: disable=g-import-not-at-top
-  was_active = getattr(tqdm_utils, "_active", True)  # tfds has no public getter.
-  absl_logger = logging.getLogger("absl")
-  level = absl_logger.level
-  tfds.display_progress_bar(False)
-  if absl_logger.getEffectiveLevel() < logging.ERROR:
-    absl_logger.setLevel(logging.ERROR)
-  try:
-    yield
-  finally:
-    tfds.display_progress_bar(was_active)
-    absl_logger.setLevel(level)
+      yield i, dict(example, image=embedded.png(data["image"][i]),
+                    caption=str(data["caption"][i]))
 
 
 def prepare(data_dir: str, config: str = "full") -> Shapes32:
@@ -370,21 +327,8 @@ def prepare(data_dir: str, config: str = "full") -> Shapes32:
   Another process may prepare the same directory at the same time: whoever loses the
   final rename sees the winner's files and uses them.
   """
-  def build() -> Shapes32:
-    return Shapes32(data_dir=data_dir, config=config, file_format="array_record")
-
-  with quiet_tfds():  # is_prepared() too warns while the folder is still empty.
-    builder = build()
-    if builder.is_prepared():
-      return builder
-    try:
-      builder.download_and_prepare(
-          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-    except Exception:
-      builder = build()
-      if not builder.is_prepared():
-        raise
-  return builder
+  return embedded.prepare(
+      lambda: Shapes32(data_dir=data_dir, config=config, file_format="array_record"))
 
 
 def _decode(examples: list[dict], dtypes: dict[str, np.dtype]) -> dict[str, np.ndarray]:
@@ -400,7 +344,7 @@ def _load(data_dir: str, split: str, config: str) -> dict[str, np.ndarray]:
   features = builder.info.features
   dtypes = {k: np.dtype(features[k].np_dtype) for k in ("image",) + ATTRIBUTES}
   chunk = 4096
-  with quiet_tfds():
+  with embedded.quiet_tfds():
     source = builder.as_data_source(split=split)
     parts = [_decode(source.__getitems__(list(range(lo, min(lo + chunk, len(source))))),
                      dtypes) for lo in range(0, len(source), chunk)]
