@@ -16,6 +16,8 @@ import math
 
 import ml_collections
 
+from gdistill import plan as plan_lib
+
 STAGES = ("autoencoder", "teacher", "guided", "progressive", "pipeline")
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -337,8 +339,9 @@ def validate(c, *, num_devices: int, num_processes: int = 1, dataset_info=None):
         "must be a power of two (e.g. 1)")
   _need(p.end_steps < p.start_steps, "progressive.end_steps", p.end_steps,
         f"must be < progressive.start_steps={p.start_steps}")
-  trains_autoencoder = bool(c.vae.enabled) and not c.vae.init_from
-  for name in ("autoencoder", "teacher", "guided", "progressive")[0 if trains_autoencoder else 1:]:
+  sections = (("autoencoder",) * plan_lib.trains_autoencoder(c)
+              + ("teacher", "guided", "progressive"))
+  for name in sections:
     s = c[name]
     _need(s.schedule in SCHEDULES, f"{name}.schedule", s.schedule, f"one of {SCHEDULES}")
     _need(s.num_steps >= 1, f"{name}.num_steps", s.num_steps, "must be >= 1")
@@ -416,9 +419,8 @@ def validate(c, *, num_devices: int, num_processes: int = 1, dataset_info=None):
       _need(s in sampling.SAMPLERS, f"eval.{key}", tuple(c.eval[key]),
             f"each one of {sampling.SAMPLERS}")
   _need(math.isfinite(c.sample.w) and c.sample.w >= 0, "sample.w", c.sample.w, "must be >= 0")
-  from gdistill import plan
-  _need(c.sample.stage == "latest" or bool(plan.STAGE_RE.match(c.sample.stage)), "sample.stage",
-        c.sample.stage, plan.STAGE_HELP)
+  _need(c.sample.stage == "latest" or bool(plan_lib.STAGE_RE.match(c.sample.stage)),
+        "sample.stage", c.sample.stage, plan_lib.STAGE_HELP)
   _need(c.sample.steps >= 0, "sample.steps", c.sample.steps, "must be >= 0 (0: the stage's own)")
   for k in ("num_samples", "batch_size"):
     _need(c.sample[k] >= 1, f"sample.{k}", c.sample[k], "must be >= 1")

@@ -73,6 +73,12 @@ def progressive_rounds(start_steps: int, end_steps: int, first_parent: Optional[
   return rounds
 
 
+def trains_autoencoder(config) -> bool:
+  """Whether a pipeline of this config trains its own autoencoder: a latent model
+  (config.vae.enabled) without an autoencoder export to start from (config.vae.init_from)."""
+  return bool(config.vae.enabled) and not config.vae.init_from
+
+
 def make_plan(config) -> tuple[Stage, ...]:
   """The stages config.stage selects, in order."""
   latent = bool(config.vae.enabled)
@@ -84,7 +90,7 @@ def make_plan(config) -> tuple[Stage, ...]:
   p = config.progressive
   rounds = lambda first: tuple(progressive_rounds(p.start_steps, p.end_steps, first,
                                                   frozen=frozen, **common))
-  own_autoencoder = (autoencoder,) if latent and not config.vae.init_from else ()
+  own_autoencoder = (autoencoder,) if trains_autoencoder(config) else ()
   if config.stage == "autoencoder":
     return (autoencoder,)
   if config.stage == "teacher":

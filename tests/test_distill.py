@@ -132,8 +132,9 @@ def test_toy2d_pipeline_student_beats_teacher_at_4_steps(tmp_path):
     assert e_s4 < e_t4
 
 
-@pytest.mark.reliability
-def test_kill_and_sigterm_anywhere_then_rerun_is_bit_identical(tmp_path):
+@pytest.mark.slow  # ~3.5 min of 4 processes; `pytest -m slow`. The default run keeps one test
+@pytest.mark.reliability  # per mechanism (SIGTERM: test_scaleout, test_evaluate; SIGKILL:
+def test_kill_and_sigterm_anywhere_then_rerun_is_bit_identical(tmp_path):  # test_reliability)
   """SIGTERM during stage one, kill -9 during a progressive round; the reruns end exactly where
   an uninterrupted run ends. Every stage resumes through the same run_stage; the soak
   (tests/soak.py, outside the default run) also interrupts the teacher and the evaluation,
