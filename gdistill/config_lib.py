@@ -108,6 +108,7 @@ def base_config():
   c.autoencoder = train_section(num_steps=2000, batch_size=64, lr=1e-3, warmup_steps=100,
                                 schedule="cosine", ema_decay=0.0)
   c.autoencoder.kl_weight = 1e-6      # KL(q(z|x) || N(0, I)) per latent element, vs pixel MSE
+  c.autoencoder.l1_weight = 0.0       # pixel L1 (SD's VAE loss) added to the pixel MSE
   c.autoencoder.scale_examples = 4096  # training images whose latents set the scaling factor
   # schedule: 'cosine' (logsnr_min/max) or a discrete one, 'scaled_linear' | 'linear'
   # (num_train_timesteps, beta_start, beta_end): gdistill/schedules.py.
@@ -390,8 +391,10 @@ def validate(c, *, num_devices: int, num_processes: int = 1, dataset_info=None):
   if c.vae.enabled:
     _validate_vae(c)
   ac = c.autoencoder
-  _need(ac.kl_weight >= 0 and ac.scale_examples >= 2, "autoencoder.kl_weight/scale_examples",
-        (ac.kl_weight, ac.scale_examples), "kl_weight >= 0 and scale_examples >= 2")
+  _need(ac.kl_weight >= 0 and ac.l1_weight >= 0 and ac.scale_examples >= 2,
+        "autoencoder.kl_weight/l1_weight/scale_examples",
+        (ac.kl_weight, ac.l1_weight, ac.scale_examples),
+        "kl_weight >= 0, l1_weight >= 0 and scale_examples >= 2")
   if dataset_info is not None:
     if c.vae.enabled:
       want_shape = (c.vae.image_size, c.vae.image_size, c.vae.image_channels)

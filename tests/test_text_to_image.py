@@ -183,3 +183,25 @@ def test_latents_are_cached_once_and_scaled_to_unit_variance(shapes_workdir):
   x = np.asarray(lat.decoder()(jnp.asarray(cached[:8])))
   assert x.shape == (8, 32, 32, 3) and np.all(np.abs(x) <= 1.0)
   assert paths.load_npz(os.path.join(wd, "latents", files[0]))["latents"].shape == cached.shape
+
+
+def test_benchmark_of_a_text_model_counts_with_xla(shapes_workdir, tmp_path):
+  """`python -m gdistill.benchmark --config=configs/shapes.py` measures the SD-structured U-Net
+  (which flops.py has no analytic count for: XLA's count stands in) on random captions' token
+  ids, the guided teacher at 2 NFE per step."""
+  from gdistill import benchmark
+  _, c = shapes_workdir
+  c = c.copy_and_resolve_references()
+  result = benchmark.run(c, kinds=("teacher", "sample"), steps=1, warmup=1, sample_repeats=1,
+                         sample_steps=2, log=lambda s: None)
+  rows = result["rows"]
+  assert [r["name"] for r in rows] == ["teacher", "sample_teacher_guided_2",
+                                       "sample_student_2", "sample_student_1"]
+  assert [r.get("nfe") for r in rows[1:]] == [4, 2, 1]
+  for r in rows:
+    assert r["flops_source"] == "xla" and r["flops_per_image"] > 0, r["name"]
+    assert r["images_per_s_per_device"] > 0 and np.isfinite(r["mfu"]), r["name"]
+  # The guided teacher's 2 steps do twice the student's 2 steps' forward work.
+  assert rows[1]["flops_per_image"] == pytest.approx(2 * rows[2]["flops_per_image"], rel=0.02)
+  benchmark.write(result, str(tmp_path))
+  assert "(XLA)" in (tmp_path / "benchmark.md").read_text()
