@@ -23,7 +23,6 @@ to fit; an out-of-memory error at run time moves on to the next).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import statistics
 import sys
@@ -35,13 +34,15 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from gdistill import (conditioning, config_lib, flops, losses, paths, runtime, sampling, schedules, sharding,
-                      stage_setup, train)
+from gdistill import (conditioning, config_lib, flops, losses, paths, runtime, sampling,
+                      schedules, sharding, stage_setup, train)
 from gdistill.benchmark_loader import LOADER_MODES, StepCase, bench_loader, loader_markdown
+from gdistill.benchmark_report import markdown, write
 from gdistill.denoiser import student_params_from_teacher
 from gdistill.plan import Stage
 
-__all__ = ["KINDS", "LOADER_MODES", "bench_loader", "loader_markdown", "main", "run"]
+__all__ = ["KINDS", "LOADER_MODES", "bench_loader", "loader_markdown", "main", "markdown",
+           "run", "write"]
 
 KINDS = ("teacher", "guided", "progressive", "sample", "loader")
 DEFAULT_KINDS = ("teacher", "guided", "progressive", "sample")   # 'loader' on request (--only)
@@ -132,18 +133,6 @@ def random_tokens(config, batch_size: int, rng: np.random.Generator) -> np.ndarr
   """[B, max_length] token ids inside the config's tokenizer's vocabulary."""
   vocab = conditioning.tokenizer_for(config).vocab_size
   return rng.integers(0, vocab, (batch_size, int(config.text.max_length))).astype(np.int32)
-
-
-def flops_per_image(config, kind: str, xla_matmul: float, **kwargs) -> tuple[float, str]:
-  """(model FLOPs per image, source): flops.py's analytic count of a train step kind or of
-  sampling (kind 'sample': kwargs num_steps, guided), or, for a model it has no count for (the
-  SD-structured U-Net), XLA's count of the compiled program's dots and convolutions."""
-  if config.model.name not in flops.MODELS:
-    return xla_matmul, "xla"
-  if kind == "sample":
-    return flops.sample_flops_per_image(config, kwargs["num_steps"],
-                                        guided=kwargs["guided"]), "analytic"
-  return flops.step_flops_per_example(config, kind), "analytic"
 
 
 def _memory(compiled) -> dict:
@@ -267,7 +256,7 @@ def time_steps(cases: list[StepCase], *, steps: int, warmup: int) -> dict[str, l
 def step_row(config, case: StepCase, times: list[float], *, peak: float,
              num_devices: int) -> dict:
   b = case.batch_size
-  count, source = flops_per_image(config, case.kind, case.xla_matmul / b)
+  count, source = flops.flops_per_image(config, case.kind, case.xla_matmul / b)
   breakdown = (flops.step_flops_breakdown(config, case.kind) if source == "analytic" else None)
   return _row(case.kind, batch=b, times=times, timings=case.timings,
               analytic=count, flops_source=source, xla_total=case.xla_total / b,
@@ -290,7 +279,7 @@ def bench_sampling(config, mesh, *, batch_size: int, num_steps: int, repeats: in
     cond = random_tokens(config, batch_size, np.random.default_rng(0))
   else:
     cond = np.arange(batch_size, dtype=np.int32) % config.model.num_classes
-  labels = jax.device_put(jnp.asarray(cond), sh)
+  cond = jax.device_put(jnp.asarray(cond), sh)
   w = jax.device_put(jnp.full((batch_size,), 1.0, jnp.float32), sh)
   clip = (-1.0, 1.0) if config.diffusion.clip_x else None
   rows = []
@@ -301,7 +290,7 @@ def bench_sampling(config, mesh, *, batch_size: int, num_steps: int, repeats: in
     spec = sampling.SamplerSpec("ddim", guided=guided, clip=clip,
                                 schedule=schedules.from_config(config.diffusion))
     fn = sampling.make_sampler(den, spec, shape)
-    args = (params, jax.random.key(0), labels, w)
+    args = (params, jax.random.key(0), cond, w)
     compiled, timings, xla_total, xla_mm = _compile(fn, *args, jnp.int32(num_steps))
     mem = _memory(compiled)
     _check_fits(mem, batch_size, memory_limit)
@@ -313,12 +302,12 @@ def bench_sampling(config, mesh, *, batch_size: int, num_steps: int, repeats: in
         jax.block_until_ready(compiled(*args, jnp.int32(n)))
         times.append(time.perf_counter() - t)
       # XLA's cost analysis counts the while-loop body (one sampler step) once: scale by N.
+      count, source = flops.flops_per_image(config, "sample", xla_mm * n / batch_size,
+                                            num_steps=n, guided=guided)
       rows.append(_row(f"{name}_{n}", batch=batch_size, times=times,
                        timings=timings if n == ns[0] else {
                            **{k: 0.0 for k in timings}, "compile_cache_hit": False},
-                       **dict(zip(("analytic", "flops_source"), flops_per_image(
-                           config, "sample", xla_mm * n / batch_size, num_steps=n,
-                           guided=guided))),
+                       analytic=count, flops_source=source,
                        xla_total=xla_total * n / batch_size, xla_matmul=xla_mm * n / batch_size,
                        mem=mem, peak=peak, num_devices=mesh.size, num_steps=n,
                        nfe=spec.nfe(n), dtype=str(config.model.dtype)))
@@ -439,49 +428,6 @@ def run(config, *, steps: int = 10, warmup: int = 2, kinds=DEFAULT_KINDS, sample
                            "speedup": by["teacher"]["images_per_s_per_device"] * len(devices)
                            / reference_img_s}
   return result
-
-
-def markdown(result: dict) -> str:
-  head = ("| step | batch | compile s | median ms | img/s/device | GFLOP/img (analytic) | "
-          "XLA dot+conv / analytic | XLA all ops / analytic | TFLOP/s/device | MFU | "
-          "peak mem MiB |\n|" + "---|" * 11)
-  lines = [head] if result["rows"] else []
-  for r in result["rows"]:
-    lines.append(
-        f"| {r['name']} | {r['batch']} | {r['compile_s']:.1f}{' (cached)' * r['compile_cache_hit']}"
-        f" | {r['median_s'] * 1e3:.1f} | "
-        f"{r['images_per_s_per_device']:.1f} | {r['flops_per_image'] / 1e9:.4g}"
-        f"{' (XLA)' * (r.get('flops_source') == 'xla')} | "
-        f"{r['xla_matmul_over_analytic']:.3f} | {r['xla_total_over_analytic']:.3f} | "
-        f"{r['flops_per_s_per_device'] / 1e12:.4g} | {100 * r['mfu']:.1f}% | "
-        f"{r['peak_memory_bytes'] / 2 ** 20:.1f} |")
-  lines.append("")
-  if any(r.get("flops_source") == "xla" for r in result["rows"]):
-    lines.append(f"GFLOP/img (XLA): model.name={result['config_model']['name']!r} has no "
-                 "analytic count (gdistill/flops.py); XLA's count of the compiled dots and "
-                 "convolutions stands in (ratio 1 by construction).")
-  lines.append(f"{result['devices']} x {result['device_kind']}, compute dtype {result['dtype']}; "
-               f"peak {result['peak_flops_per_device'] / 1e12:.3f} TFLOP/s per device "
-               f"({result['peak_source']}).")
-  for k, v in result["step_time_ratios"].items():
-    lines.append(f"{k.replace('_', ' ')} (time per image): {v:.2f}x")
-  if "reference" in result:
-    ref = result["reference"]
-    lines.append(f"teacher step vs reference {ref['teacher_img_s']:.0f} img/s: "
-                 f"{ref['speedup']:.2f}x")
-  if "loader" in result:
-    lines += ["", loader_markdown(result["loader"]), ""]
-  lines.append(f"total benchmark time {result['total_s']:.0f} s; host load average (1 min) "
-               f"{result['load_average_1m'][0]:.1f} before, {result['load_average_1m'][1]:.1f} "
-               f"after, on {result['host_cpus']} CPUs")
-  return "\n".join(lines)
-
-
-def write(result: dict, out: str) -> str:
-  path = paths.join(paths.resolve(out), "benchmark.json")
-  paths.write_text_atomic(path, json.dumps(result, indent=2, default=str))
-  paths.write_text_atomic(paths.join(paths.resolve(out), "benchmark.md"), markdown(result) + "\n")
-  return path
 
 
 FLAGS = flags.FLAGS

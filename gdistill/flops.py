@@ -162,6 +162,23 @@ STEP_KINDS = ("teacher", "guided", "progressive")
 MODELS = ("unet", "mlp")  # the architectures with an analytic FLOP count
 
 
+def has_analytic_count(model_cfg) -> bool:
+  """Whether this module counts the model's FLOPs (not the SD-structured U-Net yet)."""
+  return model_cfg.name in MODELS
+
+
+def flops_per_image(config, kind: str, xla_dot_conv: float, *, num_steps: int = 0,
+                    guided: bool = False) -> tuple[float, str]:
+  """(model FLOPs per image, source) of a train step kind, or of sampling (kind 'sample':
+  num_steps, guided): the analytic count, or for a model without one XLA's count of the
+  compiled program's dots and convolutions (xla_dot_conv, per image), source 'xla'."""
+  if not has_analytic_count(config.model):
+    return xla_dot_conv, "xla"
+  if kind == "sample":
+    return sample_flops_per_image(config, num_steps, guided=guided), "analytic"
+  return step_flops_per_example(config, kind), "analytic"
+
+
 def step_flops_breakdown(config, kind: str) -> dict:
   """{'teacher_forward', 'student_forward', 'student_backward', 'total'} per example."""
   m = config.model

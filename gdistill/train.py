@@ -94,7 +94,7 @@ def throughput_fn(config, stage: Stage, mesh) -> Callable[[float], dict]:
   stage's step; the device's data-sheet peak, on CPU a measured matmul ceiling). Models
   without an analytic count (the autoencoder, the SD U-Net) report rates only."""
   from gdistill import flops
-  if stage.kind not in flops.STEP_KINDS or config.model.name not in flops.MODELS:
+  if stage.kind not in flops.STEP_KINDS or not flops.has_analytic_count(config.model):
     return lambda images_per_sec: {}
   per_example = flops.step_flops_per_example(config, stage.kind)
   peak = flops.peak_flops_per_device(config.model.dtype)
