@@ -1,0 +1,219 @@
+"""gdistill's latent modules against the reference implementations (diffusers, transformers).
+
+Built offline: the configs of diffusers' own dummy Stable Diffusion components (its pipeline
+tests' get_dummy_components), random weights (every parameter redrawn, so no zero-initialised
+layer hides a mistake), saved in diffusers / transformers layout to a temp dir and read back
+through gdistill/weight_map.py with safetensors' numpy API. Tolerance: max abs error <= 1e-4 in
+float32. torch, diffusers and transformers are test-only (requirements-test.txt).
+"""
+import json
+import os
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from gdistill import weight_map
+from gdistill.clip_tokenizer import CLIPTokenizer
+from gdistill.models.autoencoder import AutoencoderKL
+from gdistill.models.text import CLIPTextTransformer
+from gdistill.models.unet_cond import UNet2DConditionModel, guidance_scale_embedding
+
+torch.set_num_threads(1)
+TOL = 1e-4
+
+
+def _randomize(module, seed):
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for p in module.parameters():
+      p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+  return module.eval()
+
+
+def _fields(cls):
+  return set(cls.__dataclass_fields__) - {"dtype", "param_dtype", "parent", "name"}
+
+
+def _kwargs(cls, config: dict) -> dict:
+  """A reference config.json -> gdistill module kwargs (lists -> tuples, unknown keys out)."""
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()
+          if k in _fields(cls)}
+
+
+def _read(directory, filename, family, template):
+  state = load_file(os.path.join(directory, filename))
+  get = lambda key, index: state[key] if index is None else state[key][index]
+  return weight_map.params_from_state(template, family, get,
+                                      {k: v.shape for k, v in state.items()}), state
+
+
+def _template(model, *args, method=None):
+  init = lambda: model.init(jax.random.key(0), *args, method=method)
+  return flax.linen.meta.unbox(jax.eval_shape(init)["params"])
+
+
+def _dummy_unet(time_cond_proj_dim):
+  from diffusers import UNet2DConditionModel as Ref
+  return Ref(block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4,
+             out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+             time_cond_proj_dim=time_cond_proj_dim, norm_num_groups=2)
+
+
+@pytest.mark.parametrize("time_cond_proj_dim", [None, 256])
+def test_unet_matches_diffusers(tmp_path, time_cond_proj_dim):
+  ref = _randomize(_dummy_unet(time_cond_proj_dim), 0)
+  ref.save_pretrained(tmp_path)
+  config = json.loads((tmp_path / "config.json").read_text())
+  model = UNet2DConditionModel(**_kwargs(UNet2DConditionModel, config))
+  rng = np.random.RandomState(0)
+  x = rng.randn(2, 32, 32, 4).astype(np.float32)
+  ctx = rng.randn(2, 7, 32).astype(np.float32)
+  t = np.array([10.0, 731.5], np.float32)  # a fractional timestep too (our samplers send them)
+  cond = (None if time_cond_proj_dim is None else
+          np.array(guidance_scale_embedding(jnp.array([0.0, 3.0]), time_cond_proj_dim)))
+  params, state = _read(tmp_path, "diffusion_pytorch_model.safetensors", "unet",
+                        _template(model, x, t, ctx, cond))
+  ours = np.asarray(model.apply({"params": params}, x, t, ctx, cond))
+  with torch.no_grad():
+    theirs = ref(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t),
+                 torch.from_numpy(ctx),
+                 timestep_cond=None if cond is None else torch.from_numpy(cond)).sample
+  err = np.abs(ours - theirs.permute(0, 2, 3, 1).numpy()).max()
+  assert err <= TOL, err
+  # And back: the same keys, the same tensors (SD 1.x's 1x1-conv proj_in / proj_out).
+  back = weight_map.state_from_params(
+      params, "unet", conv_1x1=lambda path: path[-2] in ("proj_in", "proj_out"))
+  assert set(back) == set(state)
+  for k in state:
+    np.testing.assert_array_equal(back[k], state[k], err_msg=k)
+
+
+def test_vae_matches_diffusers(tmp_path):
+  from diffusers import AutoencoderKL as Ref
+  ref = _randomize(Ref(block_out_channels=[32, 64], in_channels=3, out_channels=3,
+                       down_block_types=["DownEncoderBlock2D"] * 2,
+                       up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4,
+                       norm_num_groups=2), 1)
+  ref.save_pretrained(tmp_path)
+  config = json.loads((tmp_path / "config.json").read_text())
+  model = AutoencoderKL(**_kwargs(AutoencoderKL, config))
+  rng = np.random.RandomState(1)
+  x = rng.uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+  z = rng.randn(2, 16, 16, 4).astype(np.float32)
+  params, state = _read(tmp_path, "diffusion_pytorch_model.safetensors", "vae",
+                        _template(model, x))
+  mean, logvar = model.apply({"params": params}, x, method=model.encode)
+  decoded = model.apply({"params": params}, z, method=model.decode)
+  nchw = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2)
+  nhwc = lambda t: t.permute(0, 2, 3, 1).numpy()
+  with torch.no_grad():
+    dist = ref.encode(nchw(x)).latent_dist
+    ref_decoded = ref.decode(nchw(z)).sample
+  for ours, theirs in ((mean, dist.mean), (logvar, dist.logvar), (decoded, ref_decoded)):
+    assert np.abs(np.asarray(ours) - nhwc(theirs)).max() <= TOL
+  back = weight_map.state_from_params(params, "vae")
+  assert set(back) == set(state)
+
+
+def test_text_encoder_matches_transformers(tmp_path):
+  from transformers import CLIPTextConfig, CLIPTextModel
+  ref = _randomize(CLIPTextModel(CLIPTextConfig(
+      bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37,
+      layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=5, pad_token_id=1,
+      vocab_size=1000)), 2)
+  ref.save_pretrained(tmp_path)
+  config = json.loads((tmp_path / "config.json").read_text())
+  model = CLIPTextTransformer(**_kwargs(CLIPTextTransformer, config))
+  ids = np.random.RandomState(2).randint(0, 1000, (2, 77)).astype(np.int32)
+  params, state = _read(tmp_path, "model.safetensors", "text", _template(model, ids))
+  ours = np.asarray(model.apply({"params": params}, ids))
+  with torch.no_grad():
+    theirs = ref(torch.from_numpy(ids).long()).last_hidden_state.numpy()
+  assert np.abs(ours - theirs).max() <= TOL
+  # Written with transformers 4's `text_model.` prefix (Stable Diffusion's files), which the
+  # reference loads as well.
+  back = weight_map.state_from_params(params, "text")
+  assert all(k.startswith("text_model.") for k in back)
+  from safetensors.numpy import save_file
+  out = tmp_path / "exported"
+  out.mkdir()
+  save_file(back, str(out / "model.safetensors"))
+  (out / "config.json").write_text(json.dumps(config))
+  again = CLIPTextModel.from_pretrained(out).eval()
+  with torch.no_grad():
+    np.testing.assert_allclose(again(torch.from_numpy(ids).long()).last_hidden_state.numpy(),
+                               theirs, atol=1e-6)
+
+
+def _bytes_to_unicode() -> list[str]:
+  """CLIP's / GPT-2's byte -> printable character table."""
+  bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1)))
+  cs, n = bs[:], 0
+  for b in range(256):
+    if b not in bs:
+      bs.append(b)
+      cs.append(256 + n)
+      n += 1
+  return [chr(c) for c in cs]
+
+
+@pytest.fixture
+def tiny_bpe(tmp_path):
+  """A tiny CLIP-style vocab.json / merges.txt: every byte, alone and word-final, a few
+  merges, and the two special tokens."""
+  chars = _bytes_to_unicode()
+  merges = [("r", "e"), ("re", "d</w>"), ("c", "i"), ("ci", "r"), ("cir", "c"),
+            ("circ", "l"), ("circl", "e</w>"), ("t", "h"), ("th", "e</w>"), ("s", "q"),
+            ("sq", "u")]
+  vocab = (chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
+           + ["<|startoftext|>", "<|endoftext|>"])
+  (tmp_path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+  (tmp_path / "merges.txt").write_text(
+      "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+  return tmp_path
+
+
+def test_clip_tokenizer_matches_transformers(tiny_bpe):
+  from transformers import CLIPTokenizer as Ref
+  prompts = ["a red circle", "A  RED Circle, the square!", "", "naïve café 東京 😀",
+             "it's 42 o'clock", "red " * 100]
+  ours = CLIPTokenizer.from_pretrained(str(tiny_bpe))
+  ref = Ref.from_pretrained(str(tiny_bpe))
+  expected = ref(prompts, padding="max_length", max_length=77, truncation=True,
+                 return_tensors="np").input_ids
+  np.testing.assert_array_equal(ours.encode(prompts), expected)
+  assert ours.decode(ours.encode(prompts[:2])) == ref.batch_decode(expected[:2],
+                                                                   skip_special_tokens=True)
+  assert CLIPTokenizer.from_json(ours.to_json()) == ours
+  saved = tiny_bpe / "saved"
+  ours.save_pretrained(str(saved))
+  np.testing.assert_array_equal(Ref.from_pretrained(str(saved))(
+      prompts, padding="max_length", max_length=77, truncation=True,
+      return_tensors="np").input_ids, expected)
+
+
+def test_weight_map_names_what_does_not_fit():
+  model = UNet2DConditionModel(**_kwargs(UNet2DConditionModel, _dummy_unet(None).config))
+  template = _template(model, np.zeros((1, 8, 8, 4), np.float32), np.zeros((1,), np.float32),
+                       np.zeros((1, 3, 32), np.float32))
+  state = weight_map.state_from_params(
+      jax.tree.map(lambda s: np.zeros(s.shape, np.float32), template), "unet")
+  keys = {k: v.shape for k, v in state.items()}
+  broken = dict(keys)
+  del broken["conv_in.weight"]
+  broken["mid_block.extra.weight"] = (3,)
+  broken["conv_out.bias"] = (5,)
+  with pytest.raises(weight_map.WeightMapError) as e:
+    weight_map.check_keys(template, "unet", broken, "unet/x.safetensors")
+  text = str(e.value)
+  assert "missing conv_in.weight" in text
+  assert "unused mid_block.extra.weight" in text
+  assert "shape of conv_out.bias: (5,) in unet/x.safetensors, the model needs (4,)" in text
+  weight_map.check_keys(template, "unet", keys)  # the intact table fits
