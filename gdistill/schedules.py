@@ -117,3 +117,55 @@ def from_dict(d: Optional[dict]) -> Schedule:
   name = d.pop("name", "cosine")
   d.pop("timestep_spacing", None)
   return Schedule(kind=name, **d)
+
+
+# diffusers' scheduler_config.json <-> Schedule (+ the model's parametrisation).
+PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v"}
+
+
+def from_diffusers(scheduler_config: dict, source: str = "scheduler_config.json"
+                   ) -> tuple[Schedule, str]:
+  """(Schedule, parametrization 'eps' | 'v') of a Stable Diffusion scheduler config.
+
+  Training and sampling need only the training schedule (num_train_timesteps, beta_schedule,
+  beta_start, beta_end) and prediction_type; the file's own sampler settings (its class,
+  timestep_spacing, steps_offset, clip_sample) do not enter: gdistill samples on its own grid
+  (trailing spacing, module doc). What it cannot represent is refused, naming the key."""
+  c = dict(scheduler_config)
+  problems = []
+  kind = c.get("beta_schedule", "linear")
+  if kind not in ("scaled_linear", "linear"):
+    problems.append(f"beta_schedule={kind!r} (supported: 'scaled_linear', 'linear')")
+  if c.get("trained_betas") is not None:
+    problems.append("trained_betas is set (explicit betas are not supported)")
+  if c.get("rescale_betas_zero_snr"):
+    problems.append("rescale_betas_zero_snr=true (zero-terminal-SNR schedules are not "
+                    "supported)")
+  pred = c.get("prediction_type", "epsilon")
+  if pred not in PREDICTION_TYPES:
+    problems.append(f"prediction_type={pred!r} (supported: {tuple(PREDICTION_TYPES)})")
+  if problems:
+    raise ValueError(f"{source}: " + "; ".join(problems))
+  sched = Schedule(kind=kind, num_train_timesteps=int(c.get("num_train_timesteps", 1000)),
+                   beta_start=float(c.get("beta_start", 0.0001)),
+                   beta_end=float(c.get("beta_end", 0.02)))
+  return sched, PREDICTION_TYPES[pred]
+
+
+def diffusers_scheduler_config(schedule: Schedule, parametrization: str) -> dict:
+  """A DDIMScheduler config that reproduces gdistill's deterministic sampler exactly: the same
+  alphas_cumprod, trailing timesteps T i / N - 1 (what grid_timesteps gives for N dividing T),
+  eta 0, no clipping, and the last step landing on x (set_alpha_to_one)."""
+  if not schedule.discrete:
+    raise ValueError("a cosine-schedule model has no diffusers scheduler (its network takes "
+                     "logSNR, not a discrete timestep)")
+  inverse = {v: k for k, v in PREDICTION_TYPES.items()}
+  if parametrization not in inverse:
+    raise ValueError(f"parametrization {parametrization!r} has no diffusers prediction_type "
+                     f"(supported: {tuple(inverse)})")
+  return {"_class_name": "DDIMScheduler", "num_train_timesteps": schedule.num_train_timesteps,
+          "beta_start": schedule.beta_start, "beta_end": schedule.beta_end,
+          "beta_schedule": schedule.kind, "trained_betas": None, "clip_sample": False,
+          "set_alpha_to_one": True, "steps_offset": 0,
+          "prediction_type": inverse[parametrization], "thresholding": False,
+          "timestep_spacing": "trailing", "rescale_betas_zero_snr": False}

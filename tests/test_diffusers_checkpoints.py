@@ -217,3 +217,52 @@ def test_weight_map_names_what_does_not_fit():
   assert "unused mid_block.extra.weight" in text
   assert "shape of conv_out.bias: (5,) in unet/x.safetensors, the model needs (4,)" in text
   weight_map.check_keys(template, "unet", keys)  # the intact table fits
+
+
+def test_schedule_and_sampler_grid_equal_diffusers_ddim_trailing():
+  from diffusers import DDIMScheduler
+  from gdistill import diffusion, sampling, schedules
+  sd15 = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+          "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
+          "prediction_type": "epsilon", "set_alpha_to_one": False, "skip_prk_steps": True,
+          "steps_offset": 1, "clip_sample": False}
+  sched, param = schedules.from_diffusers(sd15)
+  assert param == "eps" and sched.kind == "scaled_linear"
+  for parametrization in ("eps", "v"):
+    ref = DDIMScheduler.from_config(schedules.diffusers_scheduler_config(sched, parametrization))
+    ab = schedules.alphas_cumprod(1000, 0.00085, 0.012, "scaled_linear")
+    np.testing.assert_allclose(ref.alphas_cumprod.double().numpy(), ab, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(sched.logsnr_table()), np.log(ab / (1 - ab)))
+    for n in (1, 2, 4, 8):
+      ref.set_timesteps(n)
+      np.testing.assert_array_equal(ref.timesteps.numpy(), sched.grid_timesteps(n))
+      # The whole deterministic sampler: gdistill's loop (x from the model's output at
+      # logSNR, DDIM in logSNR) against diffusers' DDIMScheduler.step, same model.
+      model = lambda z, k, xp=jnp: xp.tanh(z) * 0.7 + 0.3 * xp.cos(k / 300.0)
+      z1 = np.random.RandomState(n).randn(2, 4, 4, 3).astype(np.float32)
+
+      def x_hat(z, logsnr):
+        out = model(z, sched.timestep(logsnr)[:, None, None, None])
+        return diffusion.x_from_output(out, z, logsnr, parametrization)
+
+      ours = np.asarray(sampling.sample_loop(x_hat, jnp.asarray(z1), n, jax.random.key(0),
+                                             kind="ddim", schedule=sched))
+      sample = torch.from_numpy(z1)
+      for t in ref.timesteps:
+        out = torch.from_numpy(np.asarray(model(sample.numpy(), float(t), np), np.float32))
+        sample = ref.step(out, t, sample).prev_sample
+      # float32 both ways; at N = 1 an epsilon model's x is ~20 (alpha_999 = 0.068).
+      np.testing.assert_allclose(ours, sample.numpy(), rtol=2e-6, atol=1e-5,
+                                 err_msg=f"{parametrization}, N = {n}")
+
+
+def test_unsupported_schedulers_are_refused_by_name():
+  from gdistill import schedules
+  with pytest.raises(ValueError, match="beta_schedule='squaredcos_cap_v2'"):
+    schedules.from_diffusers({"beta_schedule": "squaredcos_cap_v2"})
+  with pytest.raises(ValueError, match="rescale_betas_zero_snr"):
+    schedules.from_diffusers({"beta_schedule": "scaled_linear", "rescale_betas_zero_snr": True})
+  with pytest.raises(ValueError, match="prediction_type='sample'"):
+    schedules.from_diffusers({"beta_schedule": "scaled_linear", "prediction_type": "sample"})
+  assert schedules.from_diffusers({"beta_schedule": "scaled_linear",
+                                   "prediction_type": "v_prediction"})[1] == "v"
