@@ -73,22 +73,34 @@ class CLIPTokenizer:
 
   @classmethod
   def from_pretrained(cls, directory: str, max_length: Optional[int] = None) -> CLIPTokenizer:
-    """From a diffusers `tokenizer/` folder: vocab.json, merges.txt, and the special tokens and
-    model_max_length of tokenizer_config.json / special_tokens_map.json when present."""
-    need = [f for f in ("vocab.json", "merges.txt")
-            if not os.path.exists(os.path.join(directory, f))]
-    if need:
-      raise FileNotFoundError(f"{directory} has no {' or '.join(need)}: a CLIP tokenizer "
-                              "folder holds vocab.json and merges.txt")
-    with open(os.path.join(directory, "vocab.json"), encoding="utf-8") as f:
-      vocab = json.load(f)
-    with open(os.path.join(directory, "merges.txt"), encoding="utf-8") as f:
-      lines = f.read().split("\n")
-    merges = [tuple(line.split(" ")) for line in lines
-              if line and not line.startswith("#version")]
+    """From a diffusers `tokenizer/` folder: vocab.json + merges.txt (Stable Diffusion's
+    repositories), or the tokenizers library's tokenizer.json (what transformers 5 saves), and
+    the special tokens and model_max_length of tokenizer_config.json / special_tokens_map.json
+    when present."""
+    has = lambda f: os.path.exists(os.path.join(directory, f))
+    if has("vocab.json") and has("merges.txt"):
+      with open(os.path.join(directory, "vocab.json"), encoding="utf-8") as f:
+        vocab = json.load(f)
+      with open(os.path.join(directory, "merges.txt"), encoding="utf-8") as f:
+        lines = f.read().split("\n")
+      merges = [tuple(line.split(" ")) for line in lines
+                if line and not line.startswith("#version")]
+    elif has("tokenizer.json"):
+      with open(os.path.join(directory, "tokenizer.json"), encoding="utf-8") as f:
+        model = json.load(f).get("model", {})
+      if model.get("type") != "BPE" or model.get("end_of_word_suffix") != "</w>":
+        raise ValueError(f"{directory}/tokenizer.json is not a CLIP BPE tokenizer (model type "
+                         f"{model.get('type')!r}, end_of_word_suffix "
+                         f"{model.get('end_of_word_suffix')!r}; CLIP's: 'BPE', '</w>')")
+      vocab = model["vocab"]
+      merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
+                for m in model["merges"]]
+    else:
+      raise FileNotFoundError(f"{directory} has neither vocab.json + merges.txt nor "
+                              "tokenizer.json: a CLIP tokenizer folder holds one of them")
     bad = [m for m in merges if len(m) != 2]
     if bad:
-      raise ValueError(f"{directory}/merges.txt: lines {bad[:3]} are not 'a b' pairs")
+      raise ValueError(f"{directory}: merges {bad[:3]} are not pairs")
     conf = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
       path = os.path.join(directory, name)
