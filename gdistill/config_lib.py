@@ -59,7 +59,10 @@ def base_config():
   c = ml_collections.ConfigDict()
   c.stage = "pipeline"
   c.seed = 0
-  c.init_from = ""  # an export dir to start stage guided/progressive from
+  # init_from: an export dir to start stage guided/progressive from, or a diffusers Stable
+  # Diffusion directory (model_index.json): its U-Net + text encoder become the teacher and its
+  # VAE the autoencoder (gdistill/diffusers_io.py), so a pipeline distils it.
+  c.init_from = ""
   # Hyperparameters a resumed stage may take although its checkpoint was written with other
   # values: comma-separated keys ('teacher.lr', or 'lr' for every section), 'all', or '' (none:
   # a changed lr, batch size, schedule... is refused on resume, naming old and new value).
@@ -95,9 +98,11 @@ def base_config():
   # with CLIP's conventions (BOS, EOS, EOS padding to max_length).
   # tokenizer 'word': the dataset's vocabulary; 'clip': CLIP's BPE ids (vocab_size 49408, the
   # tokenizer/ folder of a Stable Diffusion checkpoint; --mode=compile needs only the sizes).
+  # tokenizer_path: a CLIP tokenizer/ folder (vocab.json + merges.txt or tokenizer.json) that
+  # 'clip' encodes prompts with; set from the checkpoint when init_from is a diffusers directory.
   c.text = dict(tokenizer="word", vocab_size=49408, max_length=77, hidden_size=64,
                 intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                hidden_act="quick_gelu")
+                hidden_act="quick_gelu", tokenizer_path="")
   # Latent diffusion (vae.enabled): every diffusion stage runs on scaling_factor * the
   # AutoencoderKL posterior mean of the images. The autoencoder is the plan's 'autoencoder' stage
   # (config.autoencoder: its training), or an existing autoencoder export (vae.init_from).
@@ -157,7 +162,7 @@ def base_config():
 
 # Every config key that holds a path (resolve_paths makes them absolute at the entry points).
 PATH_KEYS = ("init_from", "data.data_dir", "sample.out", "eval.inception_weights",
-             "vae.init_from", "sample.prompts_file", "sample.latents_out")
+             "vae.init_from", "sample.prompts_file", "sample.latents_out", "text.tokenizer_path")
 
 
 def resolve_paths(c):

@@ -177,12 +177,25 @@ class Pipeline:
     return os.path.join(self.directory, component, WEIGHTS[component])
 
   def apply_to(self, config) -> None:
-    """Writes the checkpoint's architecture and schedule into a gdistill config (unlocked)."""
+    """Writes the checkpoint's architecture, schedule and tokenizer into a gdistill config.
+
+    config.vae.image_size stays the config's (the dataset's images; the checkpoint's
+    sample_size is only what it was trained at) and the U-Net's input size follows from it
+    (the VAE halves the size at each block but the last)."""
+    factor = 2 ** (len(self.vae["block_out_channels"]) - 1)
     with config.unlocked():
       config.model.update(self.model)
       config.text.update(self.text)
-      config.vae.update({k: v for k, v in self.vae.items()})
+      config.text.tokenizer_path = os.path.join(self.directory, "tokenizer")
+      config.vae.update({k: v for k, v in self.vae.items() if k != "image_size"})
+      config.model.image_size = int(config.vae.image_size) // factor
       config.diffusion.update(self.diffusion)
+
+
+def is_pipeline_dir(path: str) -> bool:
+  """Whether path is a diffusers pipeline directory (it has model_index.json)."""
+  return bool(path) and os.path.isfile(os.path.join(os.path.expanduser(path),
+                                                    "model_index.json"))
 
 
 def read(directory: str) -> Pipeline:

@@ -41,7 +41,12 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
   """
   workdir = paths.resolve(workdir)
   config_lib.resolve_paths(config)
+  from gdistill import sd_import
+  imported = sd_import.adopt(config)  # init_from a diffusers directory: its architecture
   mesh = prepare(config, workdir, devices)
+  if imported is not None:
+    with jax.set_mesh(mesh):
+      sd_import.import_exports(config, workdir, mesh, imported)
   plan = make_plan(config)
   results = {}
   t0 = time.time()

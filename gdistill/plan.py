@@ -100,6 +100,8 @@ def make_plan(config) -> tuple[Stage, ...]:
   if config.stage == "progressive":
     return rounds(None if config.init_from else "guided")
   if config.stage == "pipeline":
+    if config.init_from:  # a given teacher (an export, or a diffusers directory imported)
+      return (dataclasses.replace(guided, parent=None),) + rounds("guided")
     return own_autoencoder + (teacher, guided) + rounds("guided")
   raise ValueError(f"config.stage={config.stage!r}; valid: autoencoder, teacher, guided, "
                    "progressive, pipeline")

@@ -444,3 +444,44 @@ def test_sharded_read_places_each_slice_on_its_device(tmp_path):
     np.testing.assert_array_equal(np.asarray(b), a, err_msg="/".join(p))
     split += len({str(s.index) for s in b.addressable_shards}) == 8
   assert split > 50  # most kernels are really split 8 ways
+
+
+def test_a_pipeline_distils_a_diffusers_directory(tmp_path, tiny_bpe, capsys):
+  """--config.init_from=<a diffusers SD directory>: the tiny SD becomes the teacher and the
+  autoencoder (32x32 shapes images -> 16x16x4 latents through its VAE), then stage one and two
+  progressive rounds (4 and 2 steps) on the embedded shapes captions; the students sample
+  prompts through the API; a rerun finds everything done and imports nothing again."""
+  import importlib
+  import gdistill
+  from gdistill import driver
+  import util
+  _tiny_sd(tmp_path / "sd", tiny_bpe)
+
+  def config():
+    c = importlib.import_module("configs.shapes").get_config("quick")
+    return util.apply_overrides(c, {
+        "data.data_dir": str(tmp_path / "tfds"), "data.variant": "tiny",
+        "init_from": str(tmp_path / "sd"), "guided.num_steps": 3, "guided.batch_size": 8,
+        "progressive.num_steps": 2, "progressive.batch_size": 8,
+        "progressive.start_steps": 8, "progressive.end_steps": 2,
+        "checkpoint.every_steps": 1000, "log.every_steps": 3, "log.tensorboard": False,
+        "log.sample_prompts": 2, "log.sample_w": (3.0,), "eval.enabled": False})
+  wd = str(tmp_path / "wd")
+  driver.train_and_evaluate(config(), wd, devices=jax.devices()[:1])
+  out = capsys.readouterr().out
+  assert "[import]" in out and "[guided] starting" in out and "[teacher] starting" not in out
+  for stage in ("teacher", "autoencoder", "guided", "progressive_4", "progressive_2"):
+    assert os.path.exists(os.path.join(wd, stage, "export", "metadata.json")), stage
+  student = gdistill.load(wd, "progressive_2")
+  assert student.nfe() == 2 and student.text_conditioned
+  images = student.sample(prompts=["a red circle", "a blue square"], w=3.0, rng=0)
+  assert images.shape == (2, 32, 32, 3) and np.isfinite(images).all()
+  teacher = gdistill.load(wd, "teacher")
+  np.testing.assert_array_equal(teacher.conditions(prompts=["a red circle"]),
+                                student.conditions(prompts=["a red circle"]))
+  created = json.load(open(os.path.join(wd, "teacher", "export", "metadata.json")))["created"]
+  driver.train_and_evaluate(config(), wd, devices=jax.devices()[:1])  # the same command again
+  out = capsys.readouterr().out
+  assert "starting" not in out and "[progressive_2] finished earlier" in out
+  assert json.load(open(os.path.join(wd, "teacher", "export", "metadata.json")))[
+      "created"] == created  # the import was reused, not redone
