@@ -485,3 +485,31 @@ def test_a_pipeline_distils_a_diffusers_directory(tmp_path, tiny_bpe, capsys):
   assert "starting" not in out and "[progressive_2] finished earlier" in out
   assert json.load(open(os.path.join(wd, "teacher", "export", "metadata.json")))[
       "created"] == created  # the import was reused, not redone
+  # And back out: the 2-step student through the export command, sampled by diffusers.
+  from gdistill import export
+  out_dir = str(tmp_path / "student")
+  assert export.main(["--workdir", wd, "--stage", "progressive_2", "--format", "diffusers",
+                      "--out", out_dir]) == 0
+  assert "num_inference_steps = 2 (2 NFE)" in capsys.readouterr().out
+  util.assert_diffusers_samples_like_gdistill(out_dir, student, ["a red circle", "a blue square"],
+                                         w=3.0)
+
+
+def test_word_tokenizer_as_bpe_encodes_every_caption_alike():
+  from gdistill import export
+  from gdistill.data import shapes
+  from gdistill.tokenizer import WordTokenizer
+  tok = WordTokenizer(shapes.VOCAB, max_length=16)
+  table = np.random.RandomState(0).randn(tok.vocab_size, 8).astype(np.float32)
+  bpe, params = export.word_tokenizer_as_bpe(
+      tok, {"embeddings": {"token_embedding": {"embedding": table}}})
+  captions = [str(c) for c in shapes.generate(300, seed=3)["caption"]] + [""]
+  np.testing.assert_array_equal(bpe.encode(captions), tok.encode(captions))
+  grown = params["embeddings"]["token_embedding"]["embedding"]
+  assert grown.shape == (bpe.vocab_size, 8)
+  np.testing.assert_array_equal(grown[:tok.vocab_size], table)
+  np.testing.assert_array_equal(grown[tok.vocab_size:], np.broadcast_to(
+      table[tok.unk_id], (bpe.vocab_size - tok.vocab_size, 8)))
+  # An unknown word: every piece carries <|unk|>'s embedding (several tokens, not one).
+  ids = bpe.encode(["a zebra circle"])[0]
+  assert all(np.array_equal(grown[i], table[tok.unk_id]) for i in ids[2:-1][:1])

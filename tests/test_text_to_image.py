@@ -205,3 +205,19 @@ def test_benchmark_of_a_text_model_counts_with_xla(shapes_workdir, tmp_path):
   assert rows[1]["flops_per_image"] == pytest.approx(2 * rows[2]["flops_per_image"], rel=0.02)
   benchmark.write(result, str(tmp_path))
   assert "(XLA)" in (tmp_path / "benchmark.md").read_text()
+
+
+def test_a_shapes_student_exports_to_diffusers(shapes_workdir, tmp_path, capsys):
+  """python -m gdistill.export on the word-tokenizer shapes student: diffusers'
+  StableDiffusionPipeline samples the same images (the word tokenizer written as CLIP BPE)."""
+  from gdistill import export
+  wd, _ = shapes_workdir
+  out = str(tmp_path / "diffusers")
+  assert export.main(["--workdir", wd, "--stage", "progressive_1", "--out", out]) == 0
+  assert "num_inference_steps = 1 (1 NFE)" in capsys.readouterr().out
+  util.assert_diffusers_samples_like_gdistill(
+      out, gdistill.load(wd, "progressive_1"), ["a red circle in the top left",
+                                                "small blue square, bottom"], w=3.0)
+  # A workdir without a finished stage: refused with the reason (exit 2, no traceback).
+  assert export.main(["--workdir", str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
+  assert "no finished export" in capsys.readouterr().err

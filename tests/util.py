@@ -139,3 +139,31 @@ def write_untrained_workdir(c, workdir: str) -> None:
                                    parent_path=st.parent and train.export_dir(workdir, st.parent))
     checkpoint.save_export(train.export_dir(workdir, st.name), p, meta)
     parent = meta
+
+
+def assert_diffusers_samples_like_gdistill(directory, model, prompts, w):
+  """StableDiffusionPipeline.from_pretrained(directory) with guidance_scale = 1 + w and
+  num_inference_steps = N from the same initial latents gives the gdistill Model's images
+  (max abs error <= 1e-3 in [0, 1] pixels)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import torch
+  from diffusers import StableDiffusionPipeline
+  from gdistill import sampling
+  pipe = StableDiffusionPipeline.from_pretrained(directory)
+  n = model.default_steps
+  z1 = np.random.RandomState(8).randn(len(prompts), *model.example_shape).astype(np.float32)
+  cond = model.denoiser.encode_cond(model.params, jnp.asarray(model.conditions(prompts=prompts)))
+  spec = sampling.SamplerSpec(schedule=model.schedule, clip=None)
+  x_hat = sampling._x_fn(model.denoiser, spec, model.params, cond,
+                         jnp.full((len(prompts),), w, jnp.float32))
+  latents = sampling.sample_loop(x_hat, jnp.asarray(z1), n, jax.random.key(0), kind="ddim",
+                                 schedule=model.schedule)
+  ours = (model.decode(np.asarray(latents)) + 1) / 2
+  with torch.no_grad():
+    theirs = pipe(prompts, guidance_scale=1 + w, num_inference_steps=n,
+                  latents=torch.from_numpy(z1).permute(0, 3, 1, 2), output_type="np").images
+  assert theirs.shape == ours.shape
+  err = np.abs(ours - theirs).max()
+  assert err <= 1e-3, err
