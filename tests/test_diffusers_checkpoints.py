@@ -284,7 +284,7 @@ def _tiny_sd(directory, bpe_dir, prediction_type="epsilon"):
                           up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4,
                           norm_num_groups=2), 4)
   sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                        clip_sample=False, set_alpha_to_one=False,
+                        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
                         prediction_type=prediction_type)
   pipe = StableDiffusionPipeline(unet=_randomize(_dummy_unet(None), 5), vae=vae,
                                  text_encoder=text, tokenizer=tok, scheduler=sched,
