@@ -34,8 +34,12 @@ class ConfigError(ValueError):
 
 def train_section(*, num_steps, batch_size, lr, warmup_steps=0, schedule="constant",
                   grad_clip=1.0, ema_decay=0.0, dropout=None, b1=0.9, b2=0.999,
-                  max_nonfinite=10, weighting=""):
+                  max_nonfinite=10, weighting="", grad_accum=1):
   """One stage's training settings (teacher, guided or each progressive round).
+
+  grad_accum: k micro-batches of batch_size / k per optimizer step (gradient accumulation,
+  gdistill/train.py accumulated_grads): the update of the whole batch with the activation
+  memory of one micro-batch.
 
   weighting: the loss weighting of this stage's x-loss ('' = diffusion.weighting), e.g. an
   epsilon-MSE teacher ('snr') distilled with the truncated-SNR weighting ('snr_trunc').
@@ -45,7 +49,8 @@ def train_section(*, num_steps, batch_size, lr, warmup_steps=0, schedule="consta
       schedule=schedule, grad_clip=grad_clip, ema_decay=ema_decay,
       # None: the model's own dropout; progressive rounds default to 0.
       dropout=ml_collections.FieldReference(dropout, field_type=float),
-      b1=b1, b2=b2, max_nonfinite=max_nonfinite, weighting=weighting))
+      b1=b1, b2=b2, max_nonfinite=max_nonfinite, weighting=weighting,
+      grad_accum=grad_accum))
 
 
 def default_logical_axis_rules():
@@ -359,6 +364,11 @@ def validate(c, *, num_devices: int, num_processes: int = 1, dataset_info=None):
           f"the global batch must be divisible by the {num_devices} devices")
     _need(s.batch_size % num_processes == 0, f"{name}.batch_size", s.batch_size,
           f"the global batch must be divisible by the {num_processes} processes")
+    _need(s.grad_accum >= 1 and s.batch_size % (s.grad_accum * num_devices) == 0,
+          f"{name}.grad_accum", s.grad_accum,
+          f"must be >= 1 and split {name}.batch_size={s.batch_size} into micro-batches that "
+          f"the {num_devices} devices share evenly (batch_size divisible by grad_accum x "
+          f"{num_devices})")
   mesh_data, mesh_fsdp = c.mesh.data, c.mesh.fsdp
   _need(mesh_fsdp >= 1 and num_devices % mesh_fsdp == 0, "mesh.fsdp", mesh_fsdp,
         f"must divide the {num_devices} devices")

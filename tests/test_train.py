@@ -73,3 +73,56 @@ def test_unprepared_catalog_dataset_fails_offline_with_the_command(tmp_path, mon
   with pytest.raises(FileNotFoundError, match="tfds build cifar10"):
     driver.prepare(c, str(tmp_path / "wd"))
   assert not os.path.exists(tmp_path / "wd")
+
+
+def test_gradient_accumulation_is_the_update_of_the_whole_batch():
+  """grad_accum = 4 (four micro-batches of 8 on 8 devices) gives the optimizer update of one
+  batch of 32, to 1e-5 relative, for a loss that is a mean over examples (here the teacher's
+  x-loss at fixed noise, so both runs see the same function); loss and metrics are the means
+  too. A batch that the micro-batches cannot share evenly is refused by name."""
+  import jax.numpy as jnp
+  from gdistill import diffusion
+  small = {"model.dropout": 0.0, "model.ch": 16, "model.head_dim": 16, "model.num_groups": 4,
+           "teacher.batch_size": 32, "mesh.data": 8}
+  stage = plan.Stage("teacher", "teacher", "teacher")
+
+  def loss_fn_for(student):
+    def loss_fn(params, teacher_params, batch, rng):
+      del teacher_params, rng  # deterministic: noise from the examples themselves
+      x = batch["x"]
+      logsnr = 3.0 * jnp.mean(x, axis=(1, 2, 3))
+      z = diffusion.diffuse(x, jnp.flip(x, axis=1), logsnr)
+      x_pred = student.x_pred(params, z, logsnr, batch["label"])
+      per_ex = jnp.mean(jnp.square(x_pred - x), axis=(1, 2, 3))
+      return jnp.mean(per_ex), {"x_mse": jnp.mean(per_ex)}
+    return loss_fn
+
+  results = {}
+  for k in (1, 4):
+    c = util.quick_config(**small, **{"teacher.grad_accum": k})
+    config_lib.validate(c, num_devices=8)
+    mesh = sharding.make_mesh(c.mesh)
+    with jax.set_mesh(mesh):
+      s = train.setup_stage(c, "/nonexistent", stage, mesh)
+      state = train.init_state(c, stage, s)
+      loss_fn = loss_fn_for(s.student)
+      step = train.make_train_step(loss_fn, s, c.teacher, mesh)
+      b = data.global_batch(c.data, global_batch_size=32, seed=0, step=0)
+      b = sharding.global_batch_from_local(b, mesh, 32)
+      b.update(train.step_scalars(mesh, 0, 7))
+      grads = jax.jit(train.accumulated_grads(loss_fn, k, s.batch_fields, mesh))(
+          state["params"], None, b, jax.random.key(0))[1]
+      state, m = step(state, None, b)
+      results[k] = (jax.tree.map(np.asarray, state["params"]), float(m["loss"]),
+                    float(m["grad_norm"]), jax.tree.map(np.asarray, grads))
+  (p1, l1, n1, g1), (p4, l4, n4, g4) = results[1], results[4]
+  np.testing.assert_allclose(l4, l1, rtol=1e-5)
+  np.testing.assert_allclose(n4, n1, rtol=1e-5)
+  scale = max(float(np.abs(a).max()) for a in jax.tree.leaves(g1))
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g4)):  # the gradients themselves
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * scale)
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4)):  # and the updated parameters
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+  bad = util.quick_config(**small, **{"teacher.grad_accum": 3})
+  with pytest.raises(config_lib.ConfigError, match="teacher.grad_accum"):
+    config_lib.validate(bad, num_devices=8)
