@@ -4,10 +4,11 @@ U-Net: diffusers' UNet2DConditionModel of SD 1.5 (block_out_channels 320/640/128
 per block, 8 heads, cross-attention 768; 859.5M parameters) on 64x64x4 latents of 512x512
 images; text encoder: CLIP ViT-L/14's text transformer (12 layers, 768 wide, 77 tokens;
 123.1M); the SD VAE (scaling factor 0.18215); SD's scaled-linear 1000-step epsilon schedule.
-The weights of a real checkpoint (diffusers layout) and an image-caption dataset come with the
-Stable Diffusion loader; until then this config sizes the job: --mode=compile compiles the
-teacher, stage-one and progressive train steps on abstract state for a mesh and prints XLA's
-per-device memory (nothing is materialized, no dataset or checkpoint is read).
+A real checkpoint in diffusers layout loads with --config.init_from=DIR (its configs then decide
+the architecture; docs/STABLE_DIFFUSION.md); an image-caption dataset at 512x512 is not in yet
+(the embedded shapes are 32x32). Until then this config sizes the job: --mode=compile compiles
+the teacher, stage-one and progressive train steps on abstract state for a mesh and prints
+XLA's per-device memory (nothing is materialized, no dataset or checkpoint is read).
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m gdistill.main \\
       --config=configs/sd15.py --mode=compile --workdir=workdirs/sd15_compile \\

@@ -26,10 +26,15 @@ def prepare(config, workdir: str, devices=None):
   config_lib.validate(config, num_devices=len(devices),
                       num_processes=jax.process_count(), dataset_info=info)
   mesh = sharding.make_mesh(config.mesh, devices)
+  save_config(config, workdir)
+  return mesh
+
+
+def save_config(config, workdir: str) -> None:
+  """<workdir>/config.json: what later commands (sample, evaluate, gdistill.load) read."""
   if jax.process_index() == 0:
     paths.write_text_atomic(os.path.join(workdir, "config.json"),
                             config.to_json_best_effort(indent=2, sort_keys=True))
-  return mesh
 
 
 def train_and_evaluate(config, workdir: str, devices=None) -> dict:
@@ -47,6 +52,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
   if imported is not None:
     with jax.set_mesh(mesh):
       sd_import.import_exports(config, workdir, mesh, imported)
+    save_config(config, workdir)  # init_from / vae.init_from now name the imported exports
   plan = make_plan(config)
   results = {}
   t0 = time.time()

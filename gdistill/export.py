@@ -97,8 +97,14 @@ def to_diffusers(workdir: str, stage: str, out: str) -> str:
   host = lambda tree: jax.tree.map(lambda a: np.asarray(api._to_host(a)), tree)
   params = host(model.params)
   tokenizer, text_params = model.tokenizer, params["text_encoder"]
-  if not isinstance(tokenizer, CLIPTokenizer):
+  from gdistill.tokenizer import WordTokenizer
+  if isinstance(tokenizer, WordTokenizer):
     tokenizer, text_params = word_tokenizer_as_bpe(tokenizer, text_params)
+  elif not isinstance(tokenizer, CLIPTokenizer):
+    raise ValueError(f"{model.workdir} stage {model.stage} has no tokenizer vocabulary "
+                     f"({tokenizer!r}: CLIP's token ids without its BPE files); train it with "
+                     "--config.text.tokenizer_path=<a CLIP tokenizer/ folder> or from "
+                     "--config.init_from=<a diffusers directory>")
   cfg, meta = model.config, model.metadata
   text = dict(cfg.text.to_dict(), vocab_size=tokenizer.vocab_size)
   unet_model = dict(cfg.model.to_dict(), parametrization=meta["parametrization"])

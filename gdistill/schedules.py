@@ -155,7 +155,8 @@ def from_diffusers(scheduler_config: dict, source: str = "scheduler_config.json"
 def diffusers_scheduler_config(schedule: Schedule, parametrization: str) -> dict:
   """A DDIMScheduler config that reproduces gdistill's deterministic sampler exactly: the same
   alphas_cumprod, trailing timesteps T i / N - 1 (what grid_timesteps gives for N dividing T),
-  eta 0, no clipping, and the last step landing on x (set_alpha_to_one)."""
+  eta 0, no clipping, and the last step landing on x (set_alpha_to_one). steps_offset 1 (what
+  diffusers' pipelines expect of SD schedulers; trailing spacing does not use it)."""
   if not schedule.discrete:
     raise ValueError("a cosine-schedule model has no diffusers scheduler (its network takes "
                      "logSNR, not a discrete timestep)")
@@ -166,6 +167,6 @@ def diffusers_scheduler_config(schedule: Schedule, parametrization: str) -> dict
   return {"_class_name": "DDIMScheduler", "num_train_timesteps": schedule.num_train_timesteps,
           "beta_start": schedule.beta_start, "beta_end": schedule.beta_end,
           "beta_schedule": schedule.kind, "trained_betas": None, "clip_sample": False,
-          "set_alpha_to_one": True, "steps_offset": 0,
+          "set_alpha_to_one": True, "steps_offset": 1,
           "prediction_type": inverse[parametrization], "thresholding": False,
           "timestep_spacing": "trailing", "rescale_betas_zero_snr": False}

@@ -472,6 +472,9 @@ def test_a_pipeline_distils_a_diffusers_directory(tmp_path, tiny_bpe, capsys):
   assert "[import]" in out and "[guided] starting" in out and "[teacher] starting" not in out
   for stage in ("teacher", "autoencoder", "guided", "progressive_4", "progressive_2"):
     assert os.path.exists(os.path.join(wd, stage, "export", "metadata.json")), stage
+  saved = json.load(open(os.path.join(wd, "config.json")))  # what sample / evaluate read
+  assert saved["init_from"] == os.path.join(wd, "teacher", "export")
+  assert saved["vae"]["init_from"] == os.path.join(wd, "autoencoder", "export")
   student = gdistill.load(wd, "progressive_2")
   assert student.nfe() == 2 and student.text_conditioned
   images = student.sample(prompts=["a red circle", "a blue square"], w=3.0, rng=0)
