@@ -135,6 +135,9 @@ def base_config():
   c.progressive.start_steps = 64   # N0: the first round's teacher samples in N0 steps
   c.progressive.end_steps = 1
   c.mesh = dict(data=-1, fsdp=1)   # -1: all remaining devices
+  # --mode=compile: with device_memory_gib > 0 the report also proposes mesh.fsdp and each
+  # stage's grad_accum for devices of that memory (gdistill/compile_check.py propose).
+  c.compile = dict(device_memory_gib=0.0)
   c.logical_axis_rules = default_logical_axis_rules()
   c.checkpoint = dict(every_steps=200, keep=3, async_save=True)
   # tensorboard=False: console, metrics.jsonl and PNG grids only (no TensorFlow import).

@@ -202,8 +202,8 @@ def test_compile_mode_prints_per_stage_memory_without_materializing(tmp_path):
   wd = str(tmp_path / "wd")
   t0 = time.time()
   out = subprocess.run(
-      procgroup.cmd(wd, {"mesh.data": 2, "mesh.fsdp": 4, "data.data_dir": str(tmp_path / "none")},
-           ["--mode=compile"]),
+      procgroup.cmd(wd, {"mesh.data": 2, "mesh.fsdp": 4, "data.data_dir": str(tmp_path / "none"),
+                         "compile.device_memory_gib": 0.01}, ["--mode=compile"]),
       cwd=util.ROOT, env=procgroup.env(8), capture_output=True, text=True, timeout=600)
   print(out.stdout, out.stderr[-3000:], f"{time.time() - t0:.1f} s", sep="\n")
   assert out.returncode == 0, out.stderr[-3000:]
@@ -211,12 +211,14 @@ def test_compile_mode_prints_per_stage_memory_without_materializing(tmp_path):
     assert f"[{name}] mesh {{'data': 2, 'fsdp': 4}}" in out.stdout
   assert out.stdout.count("XLA memory analysis per device:") == 3
   assert out.stdout.count("    total ") == 3
+  assert out.stdout.count("  proposal for 0.01 GiB per device: ") == 3
   reports = json.load(open(os.path.join(wd, "compile_report.json")))
   assert [r["kind"] for r in reports] == ["teacher", "guided", "progressive"]
   assert all(r["memory"]["total_bytes"] > r["state_bytes_per_device"] > 0 for r in reports)
   assert reports[0]["teacher_bytes_per_device"] == 0 < reports[1]["teacher_bytes_per_device"]
   # Nothing was trained, exported or read: no dataset, no stage folders.
-  assert sorted(os.listdir(wd)) == ["compile_report.json"]
+  # (logs/: the run's own log file, where third-party output goes.)
+  assert sorted(os.listdir(wd)) == ["compile_report.json", "logs"]
   assert not os.path.exists(tmp_path / "none")
 
 
@@ -473,3 +475,29 @@ def test_evaluate_and_sample_with_two_processes_match_one_process(tmp_path):
   for a, b in zip(one, two):
     for k in ("fid", "is", "accuracy"):
       assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (a, b)
+
+
+def test_compile_report_proposes_fsdp_and_accumulation_for_a_device_memory():
+  """propose() on the measured ImageNet-64 teacher report (batch 2048 on data 2 x fsdp 4:
+  temporaries 355.7 GiB, total 356.8 GiB per device; docs/SCALING.md): 95 GiB devices get
+  grad_accum 8 (estimated 45.6 GiB; compiling with it measured 42.6), 16 GiB devices 32, and
+  1 GiB devices are told it does not fit, with fsdp grown to all 8 devices."""
+  from gdistill import compile_check
+  gib = 2 ** 30
+  r = {"stage": "teacher", "section": "teacher", "mesh": {"data": 2, "fsdp": 4},
+       "batch_size": 2048, "grad_accum": 1,
+       "memory": {"temp_size_in_bytes": int(355.717 * gib), "total_bytes": int(356.834 * gib)}}
+  p = compile_check.propose(r, 95 * gib)
+  assert (p["fsdp"], p["grad_accum"], p["fits"]) == (4, 8, True)
+  assert 42 * gib < p["estimated_bytes"] < 0.9 * 95 * gib
+  assert "--config.mesh.fsdp=4 --config.teacher.grad_accum=8: about 45.6 GiB" in (
+      compile_check.format_proposal(r, p))
+  assert compile_check.propose(r, 16 * gib)["grad_accum"] == 32
+  tiny = compile_check.propose(r, 1 * gib)
+  assert (tiny["fsdp"], tiny["grad_accum"], tiny["fits"]) == (8, 256, False)
+  assert "does not fit" in compile_check.format_proposal(r, tiny)
+  # A report made with accumulation already: the same proposal (per-example temporaries).
+  r8 = dict(r, grad_accum=8, memory={"temp_size_in_bytes": int(355.717 / 8 * gib),
+                                     "total_bytes": int((355.717 / 8 + 1.117) * gib)})
+  assert compile_check.propose(r8, 95 * gib)["grad_accum"] == 8
+  assert compile_check.propose(dict(r, memory=None), 95 * gib) is None
