@@ -253,13 +253,13 @@ def read(directory: str) -> Pipeline:
 
 
 def read_params(path: str, template: Mapping, family: str,
-                shardings: Optional[Mapping] = None, dtype=None) -> dict:
+                shardings: Optional[Mapping] = None) -> dict:
   """The parameters of a safetensors file in `template`'s structure (weight_map's table).
 
   shardings: a tree like template of jax Shardings: every leaf is built with
   jax.make_array_from_callback, so each process reads only the slices its devices hold, one
   tensor at a time (host memory: the largest slice, not the model). Without shardings the
-  leaves are numpy arrays. dtype: the parameters' dtype (default: the template's)."""
+  leaves are numpy arrays, in the template's dtypes."""
   from safetensors import safe_open
   with safe_open(path, framework="np") as f:
     keys = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -273,15 +273,11 @@ def read_params(path: str, template: Mapping, family: str,
       import jax
       flat_sh = weight_map.flatten(shardings)
 
-      def place(path_, shape, leaf_dtype, read):
-        return jax.make_array_from_callback(
-            shape, flat_sh[path_], lambda index: read(index).astype(dtype or leaf_dtype))
-    params = weight_map.params_from_state(template, family, get, keys, source=path,
-                                          place=place)
-  if shardings is None and dtype is not None:
-    params = weight_map.unflatten({k: np.asarray(v, dtype)
-                                   for k, v in weight_map.flatten(params).items()})
-  return params
+      def place(path_, shape, dtype, read):
+        del dtype  # read() returns the template's dtype
+        return jax.make_array_from_callback(shape, flat_sh[path_], read)
+    return weight_map.params_from_state(template, family, get, keys, source=path,
+                                        place=place)
 
 
 # ------------------------------------------------------------------------------------- out

@@ -28,9 +28,10 @@ the torch layout, which is what lets each process read just the shards it holds.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import numpy as np
+from flax.traverse_util import flatten_dict as flatten, unflatten_dict as unflatten
 
 CONTAINERS = ("down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks",
               "downsamplers", "upsamplers", "to_out", "net", "layers")
@@ -99,27 +100,6 @@ def _from_torch(path, value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
   if value.ndim == 4 and len(shape) == 2:
     value = value[:, :, 0, 0]
   return value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T
-
-
-def flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-  """{path tuple: leaf} of a nested mapping of parameters."""
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(flatten(v, prefix + (str(k),)))
-    else:
-      out[prefix + (str(k),)] = v
-  return out
-
-
-def unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
-  out: dict = {}
-  for path, v in flat.items():
-    node = out
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = v
-  return out
 
 
 def key_table(template: Mapping, family: str) -> dict[str, tuple[tuple[str, ...], tuple]]:
