@@ -1,17 +1,26 @@
-"""Stable Diffusion v1.5's sizes: distil SD 1.5 (stage one and progressive rounds) on a mesh.
+"""Stable Diffusion v1.5: distil SD 1.5 (stage one and progressive rounds) on your image-caption
+data, on a mesh.
 
 U-Net: diffusers' UNet2DConditionModel of SD 1.5 (block_out_channels 320/640/1280/1280, 2 layers
 per block, 8 heads, cross-attention 768; 859.5M parameters) on 64x64x4 latents of 512x512
 images; text encoder: CLIP ViT-L/14's text transformer (12 layers, 768 wide, 77 tokens;
 123.1M); the SD VAE (scaling factor 0.18215); SD's scaled-linear 1000-step epsilon schedule.
-A real checkpoint in diffusers layout loads with --config.init_from=DIR (its configs then decide
-the architecture; docs/STABLE_DIFFUSION.md); an image-caption dataset at 512x512 is not in yet
-(the embedded shapes are 32x32). Until then this config sizes the job: --mode=compile compiles
-the teacher, stage-one and progressive train steps on abstract state for a mesh and prints
-XLA's per-device memory (nothing is materialized, no dataset or checkpoint is read).
+The real checkpoint (diffusers layout) loads with --config.init_from=DIR: its configs then decide
+the architecture; the sizes here let --mode=compile size a job without it.
 
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m gdistill.main \\
-      --config=configs/sd15.py --mode=compile --workdir=workdirs/sd15_compile \\
+Data: your image-caption files (gdistill/data/files.py), read batch by batch and encoded to
+latents on the devices: a folder of images with a .txt caption beside each
+(data.name='image_folder', the default) or webdataset tar shards (data.name='webdataset'),
+scaled and centre-cropped to 512x512. End to end (docs/STABLE_DIFFUSION.md has the pod and
+8-GPU commands):
+
+  python -m gdistill.main --config=configs/sd15.py --workdir=workdirs/sd15 \
+      --config.init_from=/models/stable-diffusion-v1-5 --config.data.data_dir=/data/captions
+
+Sizing only (no checkpoint, dataset or parameter is read or materialized):
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m gdistill.main \
+      --config=configs/sd15.py --mode=compile --workdir=workdirs/sd15_compile \
       --config.mesh.fsdp=8
 """
 from gdistill import config_lib
@@ -23,7 +32,7 @@ from gdistill.models.unet_cond import SD15_UNET
 def get_config(arg: str = ""):
   c = config_lib.base_config()
   c.stage = "pipeline"
-  c.data.update(dict(name="shapes", num_classes=0))  # a captioned dataset; LAION-style later
+  c.data.update(dict(name="image_folder", num_classes=0, image_size=512, decode_threads=16))
   c.vae.update(dict(enabled=True, init_from="stable-diffusion-v1-5/vae", image_size=512,
                     image_channels=3, block_out_channels=SD15_VAE["block_out_channels"],
                     layers_per_block=SD15_VAE["layers_per_block"],
@@ -56,6 +65,7 @@ def get_config(arg: str = ""):
   c.mesh.update(dict(data=-1, fsdp=8))
   c.checkpoint.every_steps = 1000
   c.log.update(dict(every_steps=100, sample_w=(2.0, 7.0)))
+  c.eval.enabled = False  # the evaluation table needs an embedded dataset's classifier
   if arg:
     raise ValueError(f"configs/sd15.py: unknown variant {arg!r}; valid: ''")
   c.lock()

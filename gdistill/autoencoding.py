@@ -37,7 +37,10 @@ class AutoencoderModel:
     return init
 
   def init_abstract(self, example_shape, batch: int = 1):
-    return jax.eval_shape(self.init_fn(example_shape, batch), jax.random.key(0))
+    # The key is made under the trace: no concrete array (a mesh of abstract devices, e.g. a
+    # TPU topology compiled for from a CPU host, cannot hold one).
+    init = self.init_fn(example_shape, batch)
+    return jax.eval_shape(lambda: init(jax.random.key(0)))
 
   def encode(self, params, x):
     """(mean, logvar) of q(z | x) for x in [-1, 1]."""

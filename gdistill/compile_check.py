@@ -6,7 +6,9 @@ abstract inputs -- jax.ShapeDtypeStruct with shardings for the state, the frozen
 the batch -- so no parameter, optimizer state or parent export is materialized or read. It
 reports XLA's per-device memory analysis of the compiled step and the per-device bytes of
 the sharded state. Simulate a pod's mesh on one host with
-XLA_FLAGS=--xla_force_host_platform_device_count=8 (see docs/SCALING.md).
+XLA_FLAGS=--xla_force_host_platform_device_count=8 (see docs/SCALING.md), or compile for a real
+TPU slice's devices without a TPU: --config.compile.topology=v5p-64 (libtpu's ahead-of-time
+compiler, as MaxText's train_compile.py does; tpu_topology below).
 """
 from __future__ import annotations
 
@@ -176,6 +178,38 @@ def format_report(r: dict) -> str:
   return "\n".join(lines)
 
 
+# Cloud TPU slice names (TensorCores for v4 / v5p, chips for v5e / v6e) -> the chip topology
+# libtpu's compiler takes. v4 and v5p chips are one JAX device each (two cores, megacore).
+TPU_SLICES = {
+    "v4-8": "v4:2x2x1", "v4-16": "v4:2x2x2", "v4-32": "v4:2x2x4", "v4-64": "v4:2x4x4",
+    "v4-128": "v4:4x4x4", "v4-256": "v4:4x4x8",
+    "v5p-8": "v5p:2x2x1", "v5p-16": "v5p:2x2x2", "v5p-32": "v5p:2x2x4", "v5p-64": "v5p:2x4x4",
+    "v5p-128": "v5p:4x4x4", "v5p-256": "v5p:4x4x8",
+    "v5e-8": "v5e:2x4", "v5e-16": "v5e:4x4", "v5e-32": "v5e:4x8", "v5e-64": "v5e:8x8",
+    "v5e-256": "v5e:16x16", "v6e-8": "v6e:2x4", "v6e-16": "v6e:4x4", "v6e-64": "v6e:8x8",
+    "v6e-256": "v6e:16x16",
+}
+
+
+def tpu_topology(name: str) -> list:
+  """The devices of a TPU slice ('v5p-64' or a topology such as 'v5p:2x4x4'), as abstract
+  devices libtpu compiles for from a host without TPUs. Raises ValueError for an unknown name
+  and RuntimeError naming the fix when libtpu is not installed."""
+  topo = TPU_SLICES.get(name, name)
+  if ":" not in topo:
+    raise ValueError(f"compile.topology={name!r} is not a TPU slice: use a name such as "
+                     f"{', '.join(sorted(TPU_SLICES)[:6])}, ... or a topology 'v5p:2x4x4'")
+  try:
+    import libtpu  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    raise RuntimeError(
+        f"compile.topology={name!r} compiles with libtpu's TPU compiler, which is not "
+        "installed: pip install 'jax[tpu]' (it needs no TPU), or leave compile.topology empty "
+        "to compile for this host's devices") from None
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  return list(topologies.get_topology_desc(topology_name=topo, platform="tpu").devices)
+
+
 def run(config, workdir: str, devices=None) -> list[dict]:
   """Validates the config (no dataset needed), builds the mesh and reports each stage kind.
 
@@ -183,12 +217,15 @@ def run(config, workdir: str, devices=None) -> list[dict]:
   """
   workdir = paths.resolve(workdir)
   config_lib.resolve_paths(config)
+  if devices is None and config.compile.topology:
+    devices = tpu_topology(config.compile.topology)
   devices = list(devices if devices is not None else jax.devices())
   config_lib.validate(config, num_devices=len(devices), num_processes=jax.process_count())
   mesh = sharding.make_mesh(config.mesh, devices)
   primary = jax.process_index() == 0
   if primary:
-    print(f"[compile] {len(devices)} {devices[0].platform} devices, mesh "
+    kind = getattr(devices[0], "device_kind", devices[0].platform)
+    print(f"[compile] {len(devices)} {devices[0].platform} devices ({kind}), mesh "
           f"{dict(mesh.shape)}; nothing is materialized", flush=True)
   reports = []
   with jax.set_mesh(mesh):

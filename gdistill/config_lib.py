@@ -22,7 +22,8 @@ STAGES = ("autoencoder", "teacher", "guided", "progressive", "pipeline")
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("constant", "cosine", "linear")
 MODELS = ("unet", "mlp", "unet2d_condition")
-DATASETS = ("digits", "toy2d", "cifar10", "imagenet64", "shapes")
+DATASETS = ("digits", "toy2d", "cifar10", "imagenet64", "shapes", "image_folder", "webdataset")
+FILE_DATASETS = ("image_folder", "webdataset")  # gdistill/data/files.py
 CONDITIONING = ("label", "text")
 BLOCK_TYPES = {"down": ("CrossAttnDownBlock2D", "DownBlock2D"),
                "up": ("CrossAttnUpBlock2D", "UpBlock2D")}
@@ -77,8 +78,11 @@ def base_config():
   # tf_*: TensorFlow (TensorBoard writer, tensorflow_datasets) kept off the accelerators and to
   # small thread pools beside XLA's (gdistill/runtime.py configure_tensorflow; 0: TF's default).
   # variant: the dataset's tfds builder config ('' its default; shapes: 'tiny' for tests).
+  # image_folder / webdataset (your own image-caption files in data_dir, gdistill/data/files.py):
+  # image_size the training resolution (shorter side scaled, centre crop), holdout examples
+  # held out as 'test', decode_threads per process.
   c.data = dict(name="digits", data_dir="", split="train", variant="", random_flip=False,
-                num_classes=10,
+                num_classes=10, image_size=0, holdout=0, decode_threads=8,
                 normalize_on_device=True, tf_intra_op_threads=1, tf_inter_op_threads=1,
                 tf_hide_accelerators=True)
   # name 'unet' (ADM, logSNR input) / 'mlp': pixel space, class labels (conditioning 'label').
@@ -137,7 +141,9 @@ def base_config():
   c.mesh = dict(data=-1, fsdp=1)   # -1: all remaining devices
   # --mode=compile: with device_memory_gib > 0 the report also proposes mesh.fsdp and each
   # stage's grad_accum for devices of that memory (gdistill/compile_check.py propose).
-  c.compile = dict(device_memory_gib=0.0)
+  # topology: compile for a TPU slice instead of this host's devices ('v5p-64', 'v4-64',
+  # 'v5p:4x4x2', ...; needs libtpu installed here, no TPU: compile_check.tpu_topology).
+  c.compile = dict(device_memory_gib=0.0, topology="")
   c.logical_axis_rules = default_logical_axis_rules()
   c.checkpoint = dict(every_steps=200, keep=3, async_save=True)
   # tensorboard=False: console, metrics.jsonl and PNG grids only (no TensorFlow import).
@@ -285,6 +291,29 @@ def _validate_sd_unet(c):
   _need(t.tokenizer in ("word", "clip"), "text.tokenizer", t.tokenizer, "'word' or 'clip'")
 
 
+def _validate_file_data(c):
+  d, m = c.data, c.model  # data_dir is checked when the files are opened (not for compile)
+  want = c.vae.image_size if c.vae.enabled else m.image_size
+  _need(d.image_size == want, "data.image_size", d.image_size,
+        f"the resolution images are cropped to: {want} "
+        f"({'vae.image_size' if c.vae.enabled else 'model.image_size'})")
+  _need(d.holdout >= 0 and d.decode_threads >= 1, "data.holdout/decode_threads",
+        (d.holdout, d.decode_threads), "holdout >= 0 and decode_threads >= 1")
+  _need(m.conditioning == "text", "model.conditioning", m.conditioning,
+        f"data.name={d.name!r} has captions, no labels: 'text'")
+  _need(c.text.tokenizer == "clip", "text.tokenizer", c.text.tokenizer,
+        "'clip' (with text.tokenizer_path, or init_from a diffusers directory): the word "
+        "tokenizer needs the closed vocabulary of an embedded dataset, these captions are "
+        "free text")
+  _need(not (c.stage == "pipeline" and c.eval.enabled),
+        "eval.enabled", c.eval.enabled,
+        f"False: the evaluation table scores samples with an embedded dataset's own classifier "
+        f"(digits, shapes); data.name={d.name!r} has none")
+  _need(not (plan_lib.trains_autoencoder(c) and c.stage in ("pipeline", "autoencoder"))
+        or d.holdout >= 1, "data.holdout", d.holdout,
+        ">= 1: the autoencoder stage reports its PSNR on held-out images")
+
+
 def _validate_vae(c):
   v, m = c.vae, c.model
   f = 2 ** (len(v.block_out_channels) - 1)
@@ -297,8 +326,9 @@ def _validate_vae(c):
   for ch in v.block_out_channels:
     _need(ch % v.norm_num_groups == 0, "vae.norm_num_groups", v.norm_num_groups,
           f"must divide every block's channels ({ch})")
-  _need(not c.data.random_flip, "data.random_flip", c.data.random_flip,
-        "must be False for a latent model (its training images are encoded once)")
+  _need(not c.data.random_flip or c.data.name in FILE_DATASETS, "data.random_flip",
+        c.data.random_flip, "must be False for a latent model on an embedded dataset (its "
+        "training images are encoded once; image-caption files are encoded batch by batch)")
 
 
 def validate(c, *, num_devices: int, num_processes: int = 1, dataset_info=None):
@@ -310,6 +340,8 @@ def validate(c, *, num_devices: int, num_processes: int = 1, dataset_info=None):
   _need(c.data.variant in (("", "full", "tiny") if c.data.name == "shapes" else ("",)),
         "data.variant", c.data.variant,
         "'' (the dataset's own), or for shapes 'full' / 'tiny' (512 images, for tests)")
+  if c.data.name in FILE_DATASETS:
+    _validate_file_data(c)
   for k in ("normalize_on_device", "tf_hide_accelerators", "random_flip"):
     _need(isinstance(c.data[k], bool), f"data.{k}", c.data[k], "True or False")
   for k in ("tf_intra_op_threads", "tf_inter_op_threads"):

@@ -96,7 +96,10 @@ class Denoiser:
 
   def init_abstract(self, example_shape, batch: int = 1):
     """jax.eval_shape of init: boxed (logically partitioned) parameter shapes."""
-    return jax.eval_shape(self.init_fn(example_shape, batch), jax.random.key(0))
+    # The key is made under the trace: no concrete array (a mesh of abstract devices, e.g. a
+    # TPU topology compiled for from a CPU host, cannot hold one).
+    init = self.init_fn(example_shape, batch)
+    return jax.eval_shape(lambda: init(jax.random.key(0)))
 
   def init_fn(self, example_shape, batch: int = 1):
     """A function rng -> boxed params (for jit with out_shardings)."""

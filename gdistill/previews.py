@@ -47,8 +47,7 @@ def grid_conditions(config, student, tokenizer=None) -> np.ndarray:
     nc, per = int(config.model.num_classes), int(config.log.samples_per_class)
     return np.repeat(np.arange(nc), per).astype(np.int32)
   from gdistill import data
-  captions = data.load_captioned(config.data, "test")["caption"]
-  return tokenizer.encode([str(c) for c in captions[:int(config.log.sample_prompts)]])
+  return tokenizer.encode(data.preview_captions(config.data, int(config.log.sample_prompts)))
 
 
 def diffusion_preview(config, kind: str, student, latents=None, tokenizer=None) -> Preview:

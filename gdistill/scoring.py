@@ -173,6 +173,12 @@ def text_task(config, eval_dir: str, tokenizer) -> Task:
 
 
 def make_task(config, eval_dir: str, tokenizer=None) -> Task:
+  if config.model.conditioning == "text" and config.data.name != "shapes":
+    raise ValueError(
+        f"--mode=evaluate scores text-to-image samples with the shapes dataset's attribute "
+        f"classifier; data.name={config.data.name!r} has none (a CLIP score / FID against "
+        "your images is not implemented). Sample with --mode=sample and judge the images, or "
+        "evaluate on configs/shapes.py")
   if config.model.conditioning == "text":
     return text_task(config, eval_dir, tokenizer)
   return class_task(config, eval_dir)

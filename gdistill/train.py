@@ -107,13 +107,23 @@ def make_train_step(loss_fn: Callable, s: StageSetup, section, mesh):
                  donate_argnums=(0,))
 
 
-def batch_finisher(mesh, fields: tuple[str, ...] = ("x", "label")) -> Callable[[dict], dict]:
+def batch_finisher(mesh, fields: tuple[str, ...] = ("x", "label"),
+                   latents=None) -> Callable[[dict], dict]:
   """global batch -> the batch the train step takes (its `fields`): data.finish_batch jitted
   with the batch sharding for uint8 batches (config.data.normalize_on_device); float batches
-  (points, a latent model's encoded images) pass through untouched (and compile nothing)."""
+  (points, a latent model's encoded images) pass through untouched (and compile nothing).
+  latents (an autoencoding.Latents): the batch holds images that this step encodes on the
+  devices (a latent model on image-caption files, which are not encoded ahead)."""
   keep = set(fields) | {"flip"}
   select = lambda batch: batch if set(batch) <= keep else {k: v for k, v in batch.items()
                                                            if k in keep}
+  if latents is not None:
+    def finish_and_encode(params, batch):
+      out = data.finish_batch(batch)
+      out["x"] = latents.encode(params, out["x"])
+      return out
+    encode = jax.jit(finish_and_encode, out_shardings=sharding.batch_sharding(mesh))
+    return lambda batch: encode(latents.params, select(batch))
   finish = jax.jit(data.finish_batch, out_shardings=sharding.batch_sharding(mesh))
 
   def run(batch):
@@ -238,8 +248,11 @@ def run_stage(config, workdir: str, stage: Stage, mesh, programs: Optional[dict]
       dash.scalars(pstep, m)
 
   step = start
-  finish = batch_finisher(mesh, s.batch_fields)
-  encoded = (None if latents is None else
+  # A latent model trains on latents: an embedded dataset's split is encoded once (cached in
+  # the workdir); image-caption files are encoded batch by batch on the devices.
+  streamed = latents is not None and data.streams_images(config.data)
+  finish = batch_finisher(mesh, s.batch_fields, latents if streamed else None)
+  encoded = (None if latents is None or streamed else
              autoencoding.encode_split(latents, config, workdir, config.data.split))
   with data.make_loader(config.data, global_batch_size=int(section.batch_size), seed=seed,
                         start_step=start, process_index=jax.process_index(),

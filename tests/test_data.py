@@ -1,5 +1,6 @@
 """Data package: digits8x8 preparation, determinism, resume, process slices, failures."""
 import importlib
+import os
 
 import ml_collections
 import numpy as np
@@ -217,3 +218,117 @@ def test_bad_arguments_are_named(digits_dir):
                      start_step=0)
   with pytest.raises(ValueError, match="num_classes=9"):
     data.dataset_info(_cfg("toy2d", num_classes=9))
+
+
+# ------------------------------------------------------------- image-caption files (your own)
+def _files_cfg(name, data_dir, **overrides):
+  fields = dict(num_classes=0, image_size=32, holdout=0, decode_threads=4, variant="")
+  fields.update(overrides)
+  return _cfg(name, str(data_dir), **fields)
+
+
+@pytest.fixture(scope="module")
+def caption_files(tmp_path_factory):
+  """24 shapes images with their captions written both as a folder and as 3 tar shards; the
+  last 4 images enlarged 3x and padded to 96x120 (scaled and centre-cropped back when read)."""
+  import util
+  from gdistill.data import shapes
+  d = shapes.generate(24, seed=5)
+  images = [im for im in d["image"][:20]] + [
+      np.pad(np.repeat(np.repeat(im, 3, axis=0), 3, axis=1), ((0, 0), (12, 12), (0, 0)))
+      for im in d["image"][20:]]
+  root = tmp_path_factory.mktemp("captions")
+  folder = util.write_image_captions(root / "folder", images, d["caption"])
+  tars = util.write_image_captions(root / "tars", images, d["caption"], layout="webdataset",
+                                   shards=3)
+  return {"folder": folder, "tars": tars, "images": d["image"], "captions": d["caption"]}
+
+
+@pytest.mark.parametrize("name", ["image_folder", "webdataset"])
+def test_image_caption_files_serve_images_and_captions(caption_files, name):
+  """Your own image-caption files: in path (shard) order, captions as written, an image of the
+  training size pixel for pixel, a larger one scaled (shorter side) and centre-cropped."""
+  cfg = _files_cfg(name, caption_files["tars" if name == "webdataset" else "folder"])
+  info = data.dataset_info(cfg)
+  assert (info.shape, info.num_examples, info.captioned) == ((32, 32, 3), 24, True)
+  images, captions = data.load_array(cfg)
+  assert images.dtype == np.uint8 and images.shape == (24, 32, 32, 3)
+  assert list(captions) == [str(c) for c in caption_files["captions"]]
+  np.testing.assert_array_equal(images[:20], caption_files["images"][:20])
+  # 3x enlarged and padded, then scaled back and cropped: bicubic is close, not exact.
+  err = np.abs(images[20:].astype(int) - caption_files["images"][20:].astype(int))
+  assert np.mean(err) < 12, np.mean(err)
+  # The batches are the loader's usual deterministic, resumable ones: tokens of the captions.
+  tok = _EchoTokenizer()
+  b = data.global_batch(cfg, global_batch_size=8, seed=3, step=5, tokenizer=tok)
+  assert b["x"].shape == (8, 32, 32, 3) and b["tokens"].shape == (8, 1)
+  with data.make_loader(cfg, global_batch_size=8, seed=3, start_step=5, tokenizer=tok,
+                        process_index=1, process_count=2) as loader:
+    step, local = next(loader)
+  assert step == 5
+  np.testing.assert_array_equal(local["x"], b["x"][4:])
+  np.testing.assert_array_equal(local["tokens"], b["tokens"][4:])
+
+
+def test_folder_and_shards_are_the_same_dataset(caption_files):
+  a = data.global_batch(_files_cfg("image_folder", caption_files["folder"]),
+                        global_batch_size=16, seed=0, step=2, host_normalize=False,
+                        tokenizer=_EchoTokenizer())
+  b = data.global_batch(_files_cfg("webdataset", caption_files["tars"]),
+                        global_batch_size=16, seed=0, step=2, host_normalize=False,
+                        tokenizer=_EchoTokenizer())
+  np.testing.assert_array_equal(a["x"], b["x"])
+  np.testing.assert_array_equal(a["tokens"], b["tokens"])
+
+
+class _EchoTokenizer:
+  """Caption -> its length (enough to compare which captions a batch holds)."""
+
+  def encode(self, texts):
+    return np.asarray([[len(t)] for t in texts], np.int32)
+
+
+def test_image_caption_holdout_splits(caption_files):
+  cfg = _files_cfg("image_folder", caption_files["folder"], holdout=5)
+  assert data.dataset_info(cfg).num_examples == 19
+  test_cfg = _files_cfg("image_folder", caption_files["folder"], holdout=5, split="test")
+  held = data.load_captioned(test_cfg, "test")["caption"]
+  train = data.load_array(cfg)[1]
+  assert len(held) == 5
+  assert sorted(list(held) + list(train)) == sorted(str(c) for c in caption_files["captions"])
+  assert data.preview_captions(cfg, 3) == list(held[:3])
+  with pytest.raises(ValueError, match="data.holdout > 0"):
+    data.dataset_info(_files_cfg("image_folder", caption_files["folder"], split="test"))
+
+
+def test_image_caption_files_refuse_bad_layouts_by_name(tmp_path, caption_files):
+  import shutil
+  import util
+  from gdistill.data import files
+  with pytest.raises(FileNotFoundError, match="no images found"):
+    data.dataset_info(_files_cfg("image_folder", tmp_path))
+  with pytest.raises(FileNotFoundError, match="no .tar shards"):
+    data.dataset_info(_files_cfg("webdataset", tmp_path))
+  with pytest.raises(FileNotFoundError, match="is not a directory"):
+    data.dataset_info(_files_cfg("image_folder", tmp_path / "nowhere"))
+  lost = shutil.copytree(caption_files["folder"], tmp_path / "lost")
+  os.remove(lost / "part0" / "00003.txt")
+  with pytest.raises(ValueError, match=r"1 of 24 images .* no caption .*part0/00003.png"):
+    data.dataset_info(_files_cfg("image_folder", lost))
+  broken = shutil.copytree(caption_files["folder"], tmp_path / "broken")
+  (broken / "part1" / "00013.png").write_bytes(b"not an image")
+  files.open_index.cache_clear()
+  with pytest.raises(ValueError, match="cannot decode the image part1/00013.png"):
+    data.load_array(_files_cfg("image_folder", broken))
+  nocap = util.write_image_captions(tmp_path / "nocap", caption_files["images"][:2], ["a", "b"],
+                                    layout="webdataset", shards=1)
+  import tarfile
+  with tarfile.open(os.path.join(nocap, "shard-00000.tar"), "a") as tar:
+    info = tarfile.TarInfo("part1/00009.png")
+    info.size = 3
+    import io
+    tar.addfile(info, io.BytesIO(b"abc"))
+  with pytest.raises(ValueError, match="00009 has an image but no part1/00009.txt"):
+    data.dataset_info(_files_cfg("webdataset", nocap))
+  with pytest.raises(ValueError, match="needs data.image_size"):
+    data.dataset_info(_files_cfg("image_folder", caption_files["folder"], image_size=0))

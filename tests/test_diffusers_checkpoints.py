@@ -447,20 +447,26 @@ def test_sharded_read_places_each_slice_on_its_device(tmp_path):
 
 
 def test_a_pipeline_distils_a_diffusers_directory(tmp_path, tiny_bpe, capsys):
-  """--config.init_from=<a diffusers SD directory>: the tiny SD becomes the teacher and the
-  autoencoder (32x32 shapes images -> 16x16x4 latents through its VAE), then stage one and two
-  progressive rounds (4 and 2 steps) on the embedded shapes captions; the students sample
-  prompts through the API; a rerun finds everything done and imports nothing again."""
+  """--config.init_from=<a diffusers SD directory> on your own image-caption files: the tiny SD
+  becomes the teacher and the autoencoder, then stage one and two progressive rounds (4 and 2
+  steps) train on a folder of 64x64 images + .txt captions (shapes, enlarged), each batch
+  encoded to 32x32x4 latents by its VAE on the device; the students sample prompts through the
+  API; a rerun finds everything done and imports nothing again."""
   import importlib
   import gdistill
   from gdistill import driver
   import util
+  from gdistill.data import shapes
   _tiny_sd(tmp_path / "sd", tiny_bpe)
+  d = shapes.generate(40, seed=11)
+  util.write_image_captions(tmp_path / "pictures", d["image"].repeat(2, 1).repeat(2, 2),
+                            d["caption"], image_format="jpeg")
 
   def config():
     c = importlib.import_module("configs.shapes").get_config("quick")
     return util.apply_overrides(c, {
-        "data.data_dir": str(tmp_path / "tfds"), "data.variant": "tiny",
+        "data.name": "image_folder", "data.data_dir": str(tmp_path / "pictures"),
+        "data.image_size": 64, "data.holdout": 4, "vae.image_size": 64,
         "init_from": str(tmp_path / "sd"), "guided.num_steps": 3, "guided.batch_size": 8,
         "progressive.num_steps": 2, "progressive.batch_size": 8,
         "progressive.start_steps": 8, "progressive.end_steps": 2,
@@ -478,7 +484,7 @@ def test_a_pipeline_distils_a_diffusers_directory(tmp_path, tiny_bpe, capsys):
   student = gdistill.load(wd, "progressive_2")
   assert student.nfe() == 2 and student.text_conditioned
   images = student.sample(prompts=["a red circle", "a blue square"], w=3.0, rng=0)
-  assert images.shape == (2, 32, 32, 3) and np.isfinite(images).all()
+  assert images.shape == (2, 64, 64, 3) and np.isfinite(images).all()
   teacher = gdistill.load(wd, "teacher")
   np.testing.assert_array_equal(teacher.conditions(prompts=["a red circle"]),
                                 student.conditions(prompts=["a red circle"]))

@@ -167,3 +167,33 @@ def assert_diffusers_samples_like_gdistill(directory, model, prompts, w):
   assert theirs.shape == ours.shape
   err = np.abs(ours - theirs).max()
   assert err <= 1e-3, err
+
+
+def write_image_captions(directory, images, captions, *, layout="image_folder", shards=2,
+                         image_format="png"):
+  """Writes uint8 [N, H, W, 3] images + captions as your own dataset would be: a folder of
+  KEY.png + KEY.txt (examples spread over two sub-folders; sorted paths keep the order), or
+  webdataset shards (KEY.png + KEY.txt members, example i in shard i * shards // N)."""
+  import io as io_lib
+  import tarfile
+  from PIL import Image
+  os.makedirs(directory, exist_ok=True)
+  n = len(images)
+  for i, (image, caption) in enumerate(zip(images, captions)):
+    key = f"part{i * 2 // n}/{i:05d}"
+    buf = io_lib.BytesIO()
+    Image.fromarray(np.asarray(image, np.uint8)).save(buf, format=image_format)
+    members = {f"{key}.{image_format}": buf.getvalue(), f"{key}.txt": str(caption).encode()}
+    if layout == "image_folder":
+      for name, payload in members.items():
+        os.makedirs(os.path.dirname(os.path.join(directory, name)), exist_ok=True)
+        with open(os.path.join(directory, name), "wb") as f:
+          f.write(payload)
+    else:
+      shard = os.path.join(directory, f"shard-{i * shards // n:05d}.tar")
+      with tarfile.open(shard, "a") as tar:
+        for name, payload in members.items():
+          info = tarfile.TarInfo(name)
+          info.size = len(payload)
+          tar.addfile(info, io_lib.BytesIO(payload))
+  return str(directory)

@@ -33,6 +33,7 @@ import tensorflow_datasets as tfds
 from gdistill import paths
 from gdistill.data import digits
 from gdistill.data import embedded
+from gdistill.data import files
 from gdistill.data import toy2d
 
 _TFDS_NAMES = {
@@ -40,7 +41,7 @@ _TFDS_NAMES = {
     "cifar10": "cifar10",
     "imagenet64": "imagenet_resized/64x64",
 }
-_NAMES = ("toy2d", "shapes") + tuple(_TFDS_NAMES)
+_NAMES = ("toy2d", "shapes") + tuple(_TFDS_NAMES) + files.KINDS
 _DEFAULT_DATA_DIR = "~/tensorflow_datasets"
 _FLIP_STREAM = 1  # default_rng([seed, step, 1]); [seed, epoch] is the permutation.
 _TOY2D_REFERENCE_SIZE = 10_000
@@ -52,7 +53,8 @@ class DatasetInfo:
   shape: tuple[int, ...]  # Per example: (H, W, C) for images, (2,) for toy2d.
   num_classes: int  # 0 for a captioned dataset.
   num_examples: int | None  # None for an infinite (sampled) dataset.
-  vocabulary: tuple[str, ...] | None = None  # The words of a captioned dataset's captions.
+  # The words of a captioned dataset's captions; () for free text (image-caption files).
+  vocabulary: tuple[str, ...] | None = None
 
   @property
   def captioned(self) -> bool:
@@ -83,6 +85,10 @@ def _open(data_cfg, split: str | None = None) -> _Source:
     return _open_digits(_data_dir(data_cfg), split)
   if data_cfg.name == "shapes":
     return _open_shapes(_data_dir(data_cfg), split, data_cfg.variant or "full")
+  if data_cfg.name in files.KINDS:
+    return _open_files(data_cfg.name, paths.resolve(data_cfg.data_dir) if data_cfg.data_dir
+                       else "", split, int(data_cfg.image_size), int(data_cfg.holdout),
+                       int(data_cfg.decode_threads))
   return _open_catalog(data_cfg.name, _data_dir(data_cfg), split)
 
 
@@ -106,6 +112,27 @@ def _open_shapes(data_dir: str, split: str, variant: str) -> _Source:
   images, captions = d["image"], d["caption"]
   info = DatasetInfo("shapes", images.shape[1:], 0, len(images), tuple(shapes.VOCAB))
   return _Source(info, lambda idx: (images[idx], captions[idx]))
+
+
+@functools.lru_cache(maxsize=8)
+def _open_files(kind: str, root: str, split: str, image_size: int, holdout: int,
+                threads: int) -> _Source:
+  """An image-caption folder or webdataset shards (gdistill/data/files.py): indexed once,
+  images decoded and centre-cropped to image_size when fetched."""
+  if image_size < 1:
+    raise ValueError(f"data.name={kind!r} needs data.image_size (the training resolution: "
+                     "vae.image_size for a latent model, model.image_size in pixel space)")
+  index = files.open_index(kind, root)
+  rows = files.split_indices(len(index), split, holdout)
+  info = DatasetInfo(kind, (image_size, image_size, 3), 0, len(rows), vocabulary=())
+  return _Source(info, lambda idx: files.read(index, rows[idx], image_size, threads))
+
+
+def streams_images(data_cfg) -> bool:
+  """Whether the dataset is read from files batch by batch (image-caption files) rather than
+  held in memory: a latent model then encodes each batch on the device instead of caching
+  the latents of the whole split (autoencoding.encode_split)."""
+  return data_cfg.name in files.KINDS
 
 
 def _not_prepared(name: str, tfds_name: str, data_dir: str, why: str) -> str:
@@ -306,11 +333,28 @@ def global_batch(data_cfg, *, global_batch_size: int, seed: int, step: int,
 
 
 def load_captioned(data_cfg, split: str) -> dict[str, np.ndarray]:
-  """Every field of a captioned dataset's split (shapes: images, captions, attributes)."""
+  """Every field of a captioned dataset's split (shapes: images, captions, attributes;
+  image-caption files: images and captions, so meant for a held-out 'test' split)."""
+  if data_cfg.name in files.KINDS:
+    source = _open(data_cfg, split)
+    images, captions = source.fetch(np.arange(source.info.num_examples))
+    return {"image": images, "caption": captions}
   if data_cfg.name != "shapes":
     raise ValueError(f"data.name={data_cfg.name!r} has no captions")
   from gdistill.data import shapes
   return shapes.load_split(_data_dir(data_cfg), split, config=data_cfg.variant or "full")
+
+
+def preview_captions(data_cfg, n: int) -> list[str]:
+  """The first n captions of the held-out split (shapes' 'test'; image-caption files: 'test'
+  with data.holdout > 0, else 'train'): the prompts of sample grids."""
+  if data_cfg.name in files.KINDS:
+    split = "test" if int(data_cfg.holdout) else "train"
+    root = paths.resolve(data_cfg.data_dir) if data_cfg.data_dir else ""
+    index = files.open_index(data_cfg.name, root)
+    rows = files.split_indices(len(index), split, int(data_cfg.holdout))
+    return files.captions(index, rows[:n])
+  return [str(c) for c in load_captioned(data_cfg, "test")["caption"][:n]]
 
 
 def load_array(data_cfg, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
