@@ -46,7 +46,7 @@ def get_config(arg: str = ""):
                       up_block_types=SD15_UNET["up_block_types"],
                       layers_per_block=SD15_UNET["layers_per_block"],
                       attention_head_dim=SD15_UNET["attention_head_dim"],
-                      time_cond_proj_dim=256, remat=True))
+                      time_cond_proj_dim=256, remat=True, dtype="bfloat16"))
   c.text.update(dict(tokenizer="clip", vocab_size=CLIP_VIT_L14["vocab_size"],
                      max_length=CLIP_VIT_L14["max_position_embeddings"],
                      hidden_size=CLIP_VIT_L14["hidden_size"],

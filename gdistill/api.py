@@ -120,24 +120,6 @@ def _shared_sampler(den: Denoiser, spec: sampling.SamplerSpec, shape):
   return _SAMPLERS[key]
 
 
-def _as_key(rng) -> jax.Array:
-  if rng is None:
-    return jax.random.key(0)
-  if isinstance(rng, (int, np.integer)):
-    return jax.random.key(int(rng))
-  if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
-    return rng
-  return jax.random.wrap_key_data(rng)  # a legacy uint32 [2] key
-
-
-def _to_host(x: jax.Array) -> np.ndarray:
-  """The whole (possibly multi-process) array as numpy on every process."""
-  if x.is_fully_addressable:
-    return np.asarray(jax.device_get(x))
-  from jax.experimental import multihost_utils
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 class Model:
   """One exported stage, ready to sample. Build it with `gdistill.load`.
 
@@ -274,7 +256,7 @@ class Model:
       raise ValueError(f"steps={steps}: must be >= 1")
     bs = self.round_batch(batch_size) if batch_size else self.default_batch_size(n)
     fn = self._sampler(sampler)
-    key = _as_key(rng)
+    key = sampling.as_key(rng)
     batch_sh = sharding.batch_sharding(self.mesh)
     for b, lo in enumerate(range(0, n, bs)):
       if b < start_batch:
@@ -288,7 +270,54 @@ class Model:
              jax.device_put(ww, batch_sh), np.int32(steps))
       if decode and self._decode is not None:
         x = self._decode(x)
-      yield np.asarray(_to_host(x), np.float32)[:keep]
+      yield np.asarray(sharding.to_host(x), np.float32)[:keep]
+
+  def edit(self, images, labels=None, prompts: Optional[Sequence[str]] = None, *,
+           strength: float = 0.6, w: Union[float, np.ndarray] = 0.0,
+           steps: Optional[int] = None, sampler: str = "ddim", rng=None,
+           batch_size: Optional[int] = None) -> np.ndarray:
+    """Image-to-image (SDEdit): float32 [n, *image_shape] in [-1, 1].
+
+    images: uint8 [n, H, W, C] or float in [-1, 1]; labels or prompts: one per image. The
+    input is diffused to t = k / N, k = floor(N * strength), and the stage's N-step grid
+    runs its last k steps (i = k .. 1): a student's NFE is k (N = 4, strength 0.6: 2), the
+    teacher's 2 k. strength in (0, 1]; steps None: the stage's N. gdistill/editing.py.
+    """
+    from gdistill import editing  # pylint: disable=import-outside-toplevel
+    x = editing.as_images(images, self.image_shape)
+    cond = self.conditions(labels, prompts)
+    editing.check_counts(len(x), len(cond), "prompts" if self.text_conditioned else "labels")
+    steps = self.default_steps if steps is None else int(steps)
+    start = sampling.edit_start(steps, strength)
+    if self.w_outside_training(w):
+      warnings.warn(self.w_outside_training(w), stacklevel=2)
+    return editing.run(self, x, cond, w=w, steps=steps, start=start, masks=None,
+                       sampler=sampler, rng=rng, batch_size=batch_size)
+
+  def inpaint(self, images, masks, labels=None, prompts: Optional[Sequence[str]] = None, *,
+              w: Union[float, np.ndarray] = 0.0, steps: Optional[int] = None,
+              sampler: str = "ddim", rng=None, batch_size: Optional[int] = None,
+              paste_back: bool = True) -> np.ndarray:
+    """Inpainting by replacement: float32 [n, *image_shape] in [-1, 1].
+
+    masks [n, H, W] in {0, 1}, 1 = repaint. All N steps run (NFE N for a student, 2 N for
+    the teacher); the kept region is reset to the input diffused to each step's time.
+    paste_back: the output equals the input exactly where the mask is 0 (after decoding).
+    A mask of zeros returns the input; a mask of ones is sample() with the same rng.
+    gdistill/editing.py.
+    """
+    from gdistill import editing  # pylint: disable=import-outside-toplevel
+    x = editing.as_images(images, self.image_shape)
+    m = editing.as_masks(masks, len(x), self.image_shape)
+    cond = self.conditions(labels, prompts)
+    editing.check_counts(len(x), len(cond), "prompts" if self.text_conditioned else "labels")
+    steps = self.default_steps if steps is None else int(steps)
+    if steps < 1:
+      raise ValueError(f"steps={steps}: must be >= 1")
+    if self.w_outside_training(w):
+      warnings.warn(self.w_outside_training(w), stacklevel=2)
+    return editing.run(self, x, cond, w=w, steps=steps, start=steps, masks=m,
+                       sampler=sampler, rng=rng, batch_size=batch_size, paste_back=paste_back)
 
   def decode(self, latents: np.ndarray) -> np.ndarray:
     """A latent model's latents -> images in [-1, 1] (identity in pixel space)."""

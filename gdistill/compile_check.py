@@ -86,13 +86,20 @@ def compile_stage(config, stage: Stage, mesh) -> dict:
   compiled = lowered.compile()
   t2 = time.time()
   mem = compiled.memory_analysis()
+  try:  # XLA's count for the partitioned (per-device) program; None where not available.
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost["flops"]) if cost and cost.get("flops") else None
+  except Exception:  # pylint: disable=broad-exception-caught
+    flops = None
   report = {"stage": stage.name, "kind": stage.kind, "section": stage.section,
             "mesh": dict(mesh.shape), "batch_size": int(section.batch_size),
             "grad_accum": int(section.grad_accum),
             "params": num_params(s.abstract_state["params"]),
             "state_bytes_per_device": per_device_bytes(s.abstract_state),
             "teacher_bytes_per_device": per_device_bytes(s.teacher_params),
-            "lower_s": round(t1 - t0, 2), "compile_s": round(t2 - t1, 2)}
+            "lower_s": round(t1 - t0, 2), "compile_s": round(t2 - t1, 2),
+            "flops_per_device": flops}
   if mem is None:  # some backends have no memory analysis
     report["memory"] = None
     return report
@@ -161,7 +168,12 @@ def format_report(r: dict) -> str:
   head = (f"[{r['stage']}] mesh {r['mesh']} batch {r['batch_size']} params "
           f"{r['params'] / 1e6:.1f}M: lowered in {r['lower_s']:.1f} s, compiled in "
           f"{r['compile_s']:.1f} s")
-  lines = [head,
+  lines = [head]
+  if r.get("flops_per_device"):
+    f = r["flops_per_device"]
+    amount = f"{f / 1e12:.2f} TFLOP" if f >= 1e11 else f"{f / 1e9:.2f} GFLOP"
+    lines.append(f"  XLA cost analysis: {amount} per device per step")
+  lines += [
            f"  state (params, EMA, Adam) per device {_gib(r['state_bytes_per_device'])}; "
            f"frozen teacher per device {_gib(r['teacher_bytes_per_device'])}"]
   m = r["memory"]

@@ -166,6 +166,15 @@ def base_config():
   # Class models: num_samples per row and w. Text models (held-out captions of the test
   # split): prompts_single single-object and prompts_two two-object captions, and for the
   # diversity prompts_per_group samples of one colour-and-shape-only caption per group.
+  # --mode=edit / --mode=inpaint (gdistill/edit_modes.py): input an .npz with 'images' (uint8
+  # NHWC; inpaint also 'masks', uint8 NHW in {0, 1}, 1 = repaint; class models 'labels');
+  # text models read prompts_file (one prompt per image, in order). steps 0: the stage's own N.
+  # out '' writes <workdir>/edited.npz (inpainted.npz), a before/after PNG beside it.
+  edit_common = dict(stage="latest", input="", prompts_file="", w=3.0, steps=0,
+                     sampler="ddim", seed=0, batch_size=64, out="")
+  c.edit = dict(edit_common, strength=0.6)
+  # paste_back: the output is the input exactly where the mask is 0.
+  c.inpaint = dict(edit_common, paste_back=True)
   c.eval = dict(w=(0.0, 1.0, 2.0, 4.0), steps=(1, 2, 4, 8, 16), samplers=("ddim", "stochastic"),
                 teacher_samplers=("ddim",), num_samples=200, batch_size=500,
                 classifier_steps=600, seed=0, inception_weights="",
@@ -176,7 +185,9 @@ def base_config():
 
 # Every config key that holds a path (resolve_paths makes them absolute at the entry points).
 PATH_KEYS = ("init_from", "data.data_dir", "sample.out", "eval.inception_weights",
-             "vae.init_from", "sample.prompts_file", "sample.latents_out", "text.tokenizer_path")
+             "vae.init_from", "sample.prompts_file", "sample.latents_out", "text.tokenizer_path",
+             "edit.input", "edit.prompts_file", "edit.out", "inpaint.input",
+             "inpaint.prompts_file", "inpaint.out")
 
 
 def resolve_paths(c):

@@ -326,18 +326,20 @@ def _sample_resumable(model, cond, w, steps, sampler, seed, bs, *, partial: str,
   return np.concatenate(done) if done else np.zeros((0,) + shape, np.float32)
 
 
-def _read_prompts(path: str) -> list[str]:
+def read_prompts(path: str, key: str = "sample.prompts_file",
+                 use: str = "sample i uses prompt i mod P") -> list[str]:
+  """The non-empty lines of a prompts file; ConfigError naming config.<key> otherwise."""
   if not path:
     raise config_lib.ConfigError(
-        "config.sample.prompts_file='' is invalid for a text-to-image model: a text file with "
-        "one prompt per line (sample i uses prompt i mod P)")
+        f"config.{key}='' is invalid for a text-to-image model: a text file with one prompt "
+        f"per line ({use})")
   if not paths.exists(path):
-    raise config_lib.ConfigError(f"config.sample.prompts_file={path!r} is invalid: no such "
-                                 "file (one prompt per line)")
+    raise config_lib.ConfigError(f"config.{key}={path!r} is invalid: no such file (one "
+                                 "prompt per line)")
   prompts = [l.strip() for l in paths.read_text(path).splitlines() if l.strip()]
   if not prompts:
-    raise config_lib.ConfigError(f"config.sample.prompts_file={path!r} is invalid: it holds "
-                                 "no prompt (one per line)")
+    raise config_lib.ConfigError(f"config.{key}={path!r} is invalid: it holds no prompt (one "
+                                 "per line)")
   return prompts
 
 
@@ -345,7 +347,7 @@ def _conditions(model, s) -> tuple[np.ndarray, dict]:
   """config.sample's conditions and what the .npz records of them."""
   n = int(s.num_samples)
   if model.text_conditioned:
-    prompts = _read_prompts(s.prompts_file)
+    prompts = read_prompts(s.prompts_file)
     chosen = [prompts[i % len(prompts)] for i in range(n)]
     return model.conditions(prompts=chosen), {"prompts": np.array(chosen, dtype=str)}
   nc = model.num_classes
@@ -357,7 +359,7 @@ def _conditions(model, s) -> tuple[np.ndarray, dict]:
   return labels, {"labels": labels}
 
 
-def _prompt_grid(png: str, images: np.ndarray, prompts: list[str], title: str) -> None:
+def prompt_grid(png: str, images: np.ndarray, prompts: list[str], title: str) -> None:
   """One row per prompt (its samples along the row), the prompt as the row's title."""
   import matplotlib
   matplotlib.use("Agg")
@@ -430,7 +432,7 @@ def sample_to_file(config, workdir: str) -> dict:
   paths.remove(f"{path}.partial.npz")
   title = f"{model.stage} {s.sampler} N={steps} w={float(s.w):g}"
   if "prompts" in recorded:
-    _prompt_grid(png, x, [str(p) for p in recorded["prompts"]], title)
+    prompt_grid(png, x, [str(p) for p in recorded["prompts"]], title)
   elif x.ndim == 4:
     cols = min(n, model.num_classes)
     grid = dashboard.image_grid(arrays["images"], -(-n // cols))

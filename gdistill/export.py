@@ -85,7 +85,7 @@ def word_tokenizer_as_bpe(tok, text_params: dict):
 def to_diffusers(workdir: str, stage: str, out: str) -> str:
   """Writes stage `stage` of workdir as a diffusers directory `out`; returns a summary line."""
   import jax
-  from gdistill import api, diffusers_io
+  from gdistill import api, diffusers_io, sharding
   from gdistill.clip_tokenizer import CLIPTokenizer
   model = api.load(workdir, stage)
   if not model.text_conditioned or model.latents is None:
@@ -94,7 +94,7 @@ def to_diffusers(workdir: str, stage: str, out: str) -> str:
     raise ValueError(f"{model.workdir} stage {model.stage} is a {space} {kind}-conditioned "
                      "model; only latent text-to-image models (Stable Diffusion's structure) "
                      "have a diffusers pipeline to go to")
-  host = lambda tree: jax.tree.map(lambda a: np.asarray(api._to_host(a)), tree)
+  host = lambda tree: jax.tree.map(lambda a: np.asarray(sharding.to_host(a)), tree)
   params = host(model.params)
   tokenizer, text_params = model.tokenizer, params["text_encoder"]
   from gdistill.tokenizer import WordTokenizer

@@ -3,7 +3,9 @@
 --mode=train (default) runs config.stage; --mode=sample writes config.sample's samples of a
 finished stage to an .npz; --mode=evaluate sweeps config.eval over the workdir's exports into
 <workdir>/eval/; --mode=compile compiles each stage kind's train step for the configured mesh
-on abstract state and prints XLA's per-device memory (nothing is trained or materialized).
+on abstract state and prints XLA's per-device memory (nothing is trained or materialized);
+--mode=edit / --mode=inpaint edit or inpaint config.edit / config.inpaint's images with a
+finished stage (gdistill/edit_modes.py).
 --config.key=value overrides any config key (the config is locked: a mistyped key fails).
 
 Several processes (docs/SCALING.md): run the same command on every host with
@@ -21,7 +23,8 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py[:variant]).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Working directory: checkpoints, exports, dashboards.")
-flags.DEFINE_enum("mode", "train", ["train", "sample", "evaluate", "compile"], "What to do.")
+flags.DEFINE_enum("mode", "train", ["train", "sample", "evaluate", "compile", "edit", "inpaint"],
+                  "What to do.")
 flags.DEFINE_string("compilation_cache", "~/.cache/gdistill/xla",
                     "Persistent XLA compilation cache directory ('' disables it).")
 flags.DEFINE_enum("distributed", "auto", ["auto", "cluster", "off"],
@@ -102,6 +105,10 @@ def _run(workdir: str) -> None:
     elif FLAGS.mode == "sample":
       from gdistill import evaluate
       evaluate.sample_to_file(config, workdir)
+    elif FLAGS.mode in ("edit", "inpaint"):
+      from gdistill import edit_modes
+      (edit_modes.edit_to_file if FLAGS.mode == "edit" else edit_modes.inpaint_to_file)(
+          config, workdir)
     elif FLAGS.mode == "evaluate":
       from gdistill import evaluate
       evaluate.evaluate_workdir(config, workdir)

@@ -74,3 +74,11 @@ def with_shardings(abstract_tree, shardings):
   """ShapeDtypeStructs carrying the given shardings (restore targets)."""
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                       abstract_tree, shardings)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """The whole (possibly multi-process) array as numpy on every process."""
+  if x.is_fully_addressable:
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

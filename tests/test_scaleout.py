@@ -501,3 +501,36 @@ def test_compile_report_proposes_fsdp_and_accumulation_for_a_device_memory():
                                      "total_bytes": int((355.717 / 8 + 1.117) * gib)})
   assert compile_check.propose(r8, 95 * gib)["grad_accum"] == 8
   assert compile_check.propose(dict(r, memory=None), 95 * gib) is None
+
+
+def test_compile_topology_refuses_unknown_slices_and_names_the_missing_compiler(monkeypatch):
+  with pytest.raises(ValueError, match="not a TPU slice.*v5p:2x4x4"):
+    compile_check.tpu_topology("h100-8")
+  monkeypatch.setitem(sys.modules, "libtpu", None)  # as if not installed
+  with pytest.raises(RuntimeError, match=r"libtpu.*not installed: pip install 'jax\[tpu\]'"):
+    compile_check.tpu_topology("v5p-64")
+
+
+def _has_libtpu() -> bool:
+  import importlib.util
+  return importlib.util.find_spec("libtpu") is not None
+
+
+@pytest.mark.skipif(not _has_libtpu(), reason="needs libtpu (pip install 'jax[tpu]'); not in "
+                    "requirements-test.txt: a TPU compiler of 137 MB")
+def test_compile_for_a_tpu_slice_without_a_tpu(tmp_path):
+  """--config.compile.topology=v5p-8: libtpu compiles the train steps for a v5p-8's 4 chips
+  from this CPU host (abstract devices) and reports TPU memory and FLOPs."""
+  wd = str(tmp_path / "wd")
+  out = subprocess.run(
+      procgroup.cmd(wd, {"mesh.fsdp": 2, "data.data_dir": str(tmp_path / "none"),
+                         "compile.topology": "v5p-8", "stage": "guided"}, ["--mode=compile"]),
+      cwd=util.ROOT, env={**procgroup.env(1), "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"},
+      capture_output=True, text=True, timeout=900)
+  print(out.stdout, out.stderr[-3000:], sep="\n")
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "[compile] 4 tpu devices (TPU v5), mesh {'data': 2, 'fsdp': 2}" in out.stdout
+  reports = json.load(open(os.path.join(wd, "compile_report.json")))
+  assert [r["kind"] for r in reports] == ["guided"]
+  assert reports[0]["memory"]["total_bytes"] > reports[0]["state_bytes_per_device"] > 0
+  assert reports[0]["flops_per_device"] > 0
