@@ -25,6 +25,7 @@ def get_config(arg: str = ""):
                             end_steps=1))
   c.checkpoint.every_steps = 200
   c.log.every_steps = 100
+  c.eval.edit_w = 2.0  # the table's guided column
   if arg == "quick":
     c.teacher.update(dict(num_steps=250, warmup_steps=10))
     c.guided.update(dict(num_steps=40))
@@ -32,7 +33,7 @@ def get_config(arg: str = ""):
     c.checkpoint.every_steps = 20
     c.log.every_steps = 20
     c.eval.update(dict(num_samples=200, batch_size=200, steps=(1, 2, 4), w=(0.0, 2.0),
-                       classifier_steps=200))
+                       classifier_steps=200, edit_images=60, edit_batch_size=60))
   elif arg:
     raise ValueError(f"configs/digits.py: unknown variant {arg!r}; valid: '' or 'quick'")
   c.lock()

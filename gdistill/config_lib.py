@@ -179,7 +179,12 @@ def base_config():
                 teacher_samplers=("ddim",), num_samples=200, batch_size=500,
                 classifier_steps=600, seed=0, inception_weights="",
                 prompts_single=300, prompts_two=200, prompts_per_group=12,
-                enabled=True)  # enabled: evaluate at a pipeline's end
+                enabled=True,  # enabled: evaluate at a pipeline's end
+                # edits: the editing / inpainting evaluation of shapes and digits
+                # (gdistill/edit_eval.py): edit_images per task, at edit_w, the teacher (N0
+                # steps) and the students of edit_steps, edits at each of edit_strengths.
+                edits=True, edit_w=3.0, edit_strengths=(0.4, 0.6, 0.8), edit_steps=(1, 2, 4),
+                edit_images=120, edit_batch_size=120)
   return c
 
 

@@ -28,7 +28,8 @@ import time
 import jax
 import numpy as np
 
-from gdistill import api, conditioning, config_lib, dashboard, paths, preemption, scoring
+from gdistill import (api, conditioning, config_lib, dashboard, edit_eval, paths, preemption,
+                      scoring)
 from gdistill import checkpoint as ckpt_lib
 
 GRID_COLUMNS = 10  # samples of each w in a row's grid (eval/grids/)
@@ -164,6 +165,13 @@ def evaluate_workdir(config, workdir: str) -> dict:
     say(f"{len(rows)} rows x {len(ws)} w in {out['total_seconds']:.1f} s -> "
         f"{paths.join(eval_dir, 'results.md')}")
     print(markdown_table(out, rows), end="", flush=True)
+  model = None
+  t0 = time.perf_counter()
+  edits = edit_eval.run(config, workdir, eval_dir, stages, say=say)
+  if edits is not None and primary:
+    say(f"editing and inpainting in {time.perf_counter() - t0:.1f} s -> "
+        f"{paths.join(eval_dir, 'edits.md')}")
+    print(edit_eval.markdown(edits), end="", flush=True)
   return out
 
 

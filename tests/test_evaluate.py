@@ -213,6 +213,17 @@ def test_evaluate_writes_the_table_plots_and_tensorboard(workdir):
       ("ddim", N0, 2 * N0), ("ddim", 1, 2), ("ddim", 2, 4),
       ("stochastic", N0, 2 * N0), ("stochastic", 1, 2), ("stochastic", 2, 4)]
   assert {r.family for r in rows2 if r.stage == "teacher"} == {"teacher", "teacher_stochastic"}
+  # The editing / inpainting evaluation (gdistill/edit_eval.py): relabel edits at each
+  # strength (rows with floor(N s) = 0 steps skipped) and half completion, per stage.
+  edits = json.load(open(os.path.join(edir, "edits.json")))
+  got = {(r["stage"], r["task"], r["strength"], r["nfe"]) for r in edits["rows"]}
+  assert ("teacher", "relabel", 0.6, 2 * int(N0 * 0.6)) in got
+  assert ("teacher", "complete", None, 2 * N0) in got
+  assert ("progressive_2", "relabel", 0.6, 1) in got and ("progressive_1", "complete", None, 1) in got
+  assert ("progressive_1", "relabel", 0.4, 0) in got  # skipped: floor(1 x 0.4) = 0
+  for r in edits["rows"]:
+    assert r["success"] is None or 0 <= r["success"] <= 1
+  assert "| teacher | complete | - |" in open(os.path.join(edir, "edits.md")).read()
   # The classifier and reference statistics are cached: the next evaluation reuses them.
   cached = [os.path.join(edir, n) for n in ("classifier.npz", "reference_stats.npz")]
   mtimes = [os.path.getmtime(p) for p in cached]

@@ -30,6 +30,7 @@ TINY = {
     "eval.steps": (1,), "eval.w": (0.0, 3.0), "eval.classifier_steps": 20,
     "eval.prompts_single": 8, "eval.prompts_two": 8, "eval.prompts_per_group": 2,
     "eval.batch_size": 48, "sample.num_samples": 6, "sample.batch_size": 6,
+    "eval.edit_images": 8, "eval.edit_batch_size": 8, "eval.edit_strengths": (0.5, 1.0),
 }
 
 
@@ -136,6 +137,16 @@ def test_shapes_pipeline_end_to_end(shapes_workdir):
   assert "| Method | Stage | Sampler | N | NFE | w=0 1-obj | w=0 2-obj | w=0 div | w=0 FD |" in md
   for f in ("adh2_vs_div.png", "fd_vs_nfe.png", "grids/progressive_1-ddim-N1.png"):
     assert os.path.getsize(os.path.join(wd, "eval", f)) > 0, f
+  # Editing and inpainting, scored by the attribute classifier (gdistill/edit_eval.py).
+  edits = evaluate.paths.read_json(os.path.join(wd, "eval", "edits.json"))
+  got = {(r["stage"], r["task"], r["strength"]) for r in edits["rows"]}
+  assert {("teacher", "recolour", 0.5), ("teacher", "remove", None), ("teacher", "fill", None),
+          ("progressive_1", "recolour", 1.0), ("progressive_1", "fill", None)} <= got
+  for r in edits["rows"]:
+    if r["success"] is not None:
+      assert 0 <= r["success"] <= 1 and 0 <= r["preservation"] <= 1
+    if r["task"] != "recolour":
+      assert r["psnr_keep"] > 0
 
 
 def test_prompts_in_the_api_and_in_sample_mode(shapes_workdir, tmp_path):

@@ -1,0 +1,262 @@
+"""Editing and inpainting in the evaluation (--mode=evaluate, eval.edits): held-out images,
+edited or inpainted by the teacher (at N0 steps, 2 N0 NFE for the full grid) and by the students
+of eval.edit_steps, scored by the dataset's own classifier. Written to <eval_dir>/edits.md and
+edits.json.
+
+shapes (the attribute classifier, gdistill/metrics/attributes.py):
+  recolour  single-object test images, each with the prompt naming its size, shape and cell and
+            another colour (cycling over the five others: every colour pair occurs), edited at
+            each strength of eval.edit_strengths: success = the object's cell holds the new
+            colour; preservation = exactly one object, in the original cell, of the original
+            shape.
+  remove    two-object test images, the second object's pixel box (one pixel wider) masked,
+            the prompt naming only the first object (with its cell): success = the masked
+            object's cell is empty and the first object is found in its cell (colour, shape).
+  fill      single-object test images, an empty cell (4 cells on from the object's) masked,
+            the prompt naming a new object in that cell: success = the cell holds the named
+            colour and shape; preservation = the original object is still found.
+  Inpainting is by replacement (Model.inpaint) with all N steps; `psnr_keep` is the PSNR of
+  the unmasked region before paste-back (how well the kept region is reproduced).
+digits (the evaluation's classifier):
+  relabel   test digits edited to label (y + 1) mod 10 at each strength: success = classified
+            as the new label.
+  complete  the bottom half (rows 4..7) masked and inpainted with the digit's own label:
+            success = classified as that label.
+Seconds are per row (all images, one batch of eval.edit_batch_size at a time, compile
+excluded).
+"""
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+
+from gdistill import api, dashboard, paths, sampling
+
+# --------------------------------------------------------------------------- shapes cases
+
+
+def _cell_box(cell: int, size: int = 32) -> tuple[slice, slice]:
+  r, c = divmod(int(cell), 3)
+  lo = lambda k: int(np.floor(k * size / 3))
+  hi = lambda k: int(np.ceil((k + 1) * size / 3))
+  return slice(lo(r), hi(r)), slice(lo(c), hi(c))
+
+
+def _object_mask(center, extent, size: int = 32) -> np.ndarray:
+  m = np.zeros((size, size), np.uint8)
+  x0, y0 = int(np.floor(center[0] - extent)) - 1, int(np.floor(center[1] - extent)) - 1
+  x1, y1 = int(np.ceil(center[0] + extent)) + 1, int(np.ceil(center[1] + extent)) + 1
+  m[max(y0, 0):min(y1, size), max(x0, 0):min(x1, size)] = 1
+  return m
+
+
+def shapes_cases(test: dict, n: int) -> dict:
+  """The recolour, remove and fill cases of module doc from the shapes test split."""
+  from gdistill.data import shapes
+  one = np.flatnonzero(test["num_objects"] == 1)[:n]
+  two = np.flatnonzero(test["num_objects"] == 2)[:n]
+  noun = lambda color, shape, size: f"{shapes.SIZES[size]} {shapes.COLORS[color]} " \
+                                    f"{shapes.SHAPES[shape]}"
+  rec = {"images": test["image"][one], "cell": test["cell"][one, 0],
+         "shape": test["shape"][one, 0],
+         "old": test["color"][one, 0],
+         "new": (test["color"][one, 0] + 1 + np.arange(len(one)) % 5) % len(shapes.COLORS)}
+  rec["prompts"] = [f"a {noun(c, s, z)} {shapes.CELL_PHRASES[cell]}" for c, s, z, cell in zip(
+      rec["new"], rec["shape"], test["size"][one, 0], rec["cell"])]
+  rem = {"images": test["image"][two], "keep_cell": test["cell"][two, 0],
+         "keep_color": test["color"][two, 0], "keep_shape": test["shape"][two, 0],
+         "gone_cell": test["cell"][two, 1],
+         "masks": np.stack([_object_mask(test["center"][i, 1], test["half_extent"][i, 1])
+                            for i in two]) if len(two) else np.zeros((0, 32, 32), np.uint8)}
+  rem["prompts"] = [f"a {noun(c, s, z)} {shapes.CELL_PHRASES[cell]}" for c, s, z, cell in zip(
+      rem["keep_color"], rem["keep_shape"], test["size"][two, 0], rem["keep_cell"])]
+  rng = np.random.default_rng(0)
+  fill = {"images": test["image"][one], "old_cell": test["cell"][one, 0],
+          "old_color": test["color"][one, 0], "old_shape": test["shape"][one, 0],
+          "cell": (test["cell"][one, 0] + 4) % 9,
+          "color": rng.integers(0, len(shapes.COLORS), len(one)),
+          "shape": rng.integers(0, len(shapes.SHAPES), len(one))}
+  fill["masks"] = np.zeros((len(one), 32, 32), np.uint8)
+  for i, cell in enumerate(fill["cell"]):
+    fill["masks"][i][_cell_box(cell)] = 1
+  fill["prompts"] = [f"a large {noun(c, s, 1).split(' ', 1)[1]} {shapes.CELL_PHRASES[cell]}"
+                     for c, s, cell in zip(fill["color"], fill["shape"], fill["cell"])]
+  return {"recolour": rec, "remove": rem, "fill": fill}
+
+
+def _has(pred: dict, cell, color=None, shape=None) -> np.ndarray:
+  rows = np.arange(len(cell))
+  ok = pred["present"][rows, cell]
+  if color is not None:
+    ok &= pred["color"][rows, cell] == color
+  if shape is not None:
+    ok &= pred["shape"][rows, cell] == shape
+  return ok
+
+
+def _psnr_keep(raw: np.ndarray, images: np.ndarray, masks: np.ndarray) -> float:
+  keep = (masks == 0)[..., None].repeat(images.shape[-1], -1)
+  diff = (dashboard.to_uint8(raw).astype(np.float64) - images.astype(np.float64))[keep]
+  mse = float(np.mean(diff ** 2)) if diff.size else 0.0
+  return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+
+
+# ------------------------------------------------------------------------------ the sweep
+
+
+def _rows(config, stages: list[str]) -> list[tuple[str, int]]:
+  rows = [("teacher", int(config.progressive.start_steps))] if "teacher" in stages else []
+  for n in sorted({int(s) for s in config.eval.edit_steps}, reverse=True):
+    if f"progressive_{n}" in stages:
+      rows.append((f"progressive_{n}", n))
+  return rows
+
+
+def _start(steps: int, strength: float) -> int:
+  """floor(N s), 0 where an N-step model runs no step at this strength (a skipped row)."""
+  try:
+    return sampling.edit_start(steps, strength)
+  except ValueError:
+    return 0
+
+
+def _skipped(stage: str, task: str, strength: float, steps: int, n: int) -> dict:
+  return dict(stage=stage, task=task, strength=float(strength), steps=steps, nfe=0,
+              success=None, preservation=None, seconds=0.0, n=n,
+              note=f"floor({steps} x {strength:g}) = 0 steps")
+
+
+def _timed(fn):
+  t0 = time.perf_counter()
+  out = fn()
+  return out, time.perf_counter() - t0
+
+
+def run(config, workdir: str, eval_dir: str, stages: list[str], say=print) -> dict | None:
+  """The editing / inpainting evaluation of module doc; None for datasets without one."""
+  if config.data.name not in ("shapes", "digits") or not config.eval.edits:
+    return None
+  e = config.eval
+  w, bs = float(e.edit_w), int(e.edit_batch_size)
+  rows = _rows(config, stages)
+  if not rows:
+    return None
+  if config.data.name == "shapes":
+    from gdistill import data as data_lib
+    from gdistill.metrics import attributes
+    test = data_lib.load_captioned(config.data, "test")
+    state = attributes.get_or_train(paths.join(eval_dir, "attributes.npz"),
+                                    data_lib.load_captioned(config.data, "train"),
+                                    steps=int(e.classifier_steps), seed=int(config.seed))
+    cases = shapes_cases(test, int(e.edit_images))
+    predict = lambda x: attributes.predict(state, dashboard.to_uint8(x))
+  else:
+    from gdistill import data as data_lib, metrics
+    x_all, y_all = data_lib.load_array(config.data, "train")  # digits8x8 has one split
+    state = metrics.get_or_train_classifier(paths.join(eval_dir, "classifier.npz"), x_all,
+                                            y_all, int(config.model.num_classes),
+                                            steps=int(e.classifier_steps),
+                                            seed=int(config.seed))
+    n = int(e.edit_images)
+    pick = np.random.default_rng(1).permutation(len(y_all))[:n]
+    cases = {"images": x_all[pick], "labels": y_all[pick].astype(np.int32)}
+    classify = lambda x: np.argmax(metrics.classifier_features(state, x)[1], -1)
+  results = []
+  for stage, steps in rows:
+    model = api.load(workdir, stage)
+    rng = jax.random.key(int(e.seed))
+    kw = dict(w=w, steps=steps, rng=rng, batch_size=bs)
+    nfe = lambda start: (2 if model.is_teacher else 1) * start
+    # compile outside the timings: one edit and one inpaint of one batch
+    if config.data.name == "shapes":
+      c = cases["recolour"]
+      model.edit(c["images"][:1], prompts=c["prompts"][:1], strength=1.0, **kw)
+      model.inpaint(c["images"][:1], np.zeros((1, 32, 32), np.uint8),
+                    prompts=c["prompts"][:1], **kw)
+      for s in e.edit_strengths:
+        start = _start(steps, s)
+        if not start:
+          results.append(_skipped(stage, "recolour", s, steps, len(c["prompts"])))
+          continue
+        x, sec = _timed(lambda: model.edit(c["images"], prompts=c["prompts"], strength=s,
+                                           **kw))
+        p = predict(x)
+        ok = _has(p, c["cell"], color=c["new"])
+        keep = (p["num_objects"] == 1) & _has(p, c["cell"], shape=c["shape"])
+        results.append(dict(stage=stage, task="recolour", strength=float(s), steps=steps,
+                            nfe=nfe(start), success=float(ok.mean()),
+                            preservation=float(keep.mean()), seconds=round(sec, 3),
+                            n=len(ok)))
+      for task in ("remove", "fill"):
+        c = cases[task]
+        x, sec = _timed(lambda: model.inpaint(c["images"], c["masks"], prompts=c["prompts"],
+                                              paste_back=False, **kw))
+        psnr = _psnr_keep(x, c["images"], c["masks"])
+        x = np.where(c["masks"][..., None] > 0, x, c["images"] / np.float32(127.5) - 1)
+        p = predict(x)
+        if task == "remove":
+          ok = ~_has(p, c["gone_cell"])
+          keep = _has(p, c["keep_cell"], c["keep_color"], c["keep_shape"])
+          ok &= keep
+        else:
+          ok = _has(p, c["cell"], c["color"], c["shape"])
+          keep = _has(p, c["old_cell"], c["old_color"], c["old_shape"])
+        results.append(dict(stage=stage, task=task, strength=None, steps=steps,
+                            nfe=nfe(steps), success=float(ok.mean()),
+                            preservation=float(keep.mean()), psnr_keep=round(psnr, 2),
+                            seconds=round(sec, 3), n=len(ok)))
+    else:
+      imgs, labels = cases["images"], cases["labels"]
+      target = (labels + 1) % int(config.model.num_classes)
+      model.edit(imgs[:1], labels=target[:1], strength=1.0, **kw)
+      for s in e.edit_strengths:
+        start = _start(steps, s)
+        if not start:
+          results.append(_skipped(stage, "relabel", s, steps, len(labels)))
+          continue
+        x, sec = _timed(lambda: model.edit(imgs, labels=target, strength=s, **kw))
+        results.append(dict(stage=stage, task="relabel", strength=float(s), steps=steps,
+                            nfe=nfe(start), success=float(np.mean(classify(x) == target)),
+                            preservation=None, seconds=round(sec, 3), n=len(labels)))
+      masks = np.zeros(imgs.shape[:3], np.uint8)
+      masks[:, imgs.shape[1] // 2:] = 1
+      x, sec = _timed(lambda: model.inpaint(imgs, masks, labels=labels, **kw))
+      results.append(dict(stage=stage, task="complete", strength=None, steps=steps,
+                          nfe=nfe(steps), success=float(np.mean(classify(x) == labels)),
+                          preservation=None, seconds=round(sec, 3), n=len(labels)))
+    for r in results[-(len(e.edit_strengths) + (2 if config.data.name == "shapes" else 1)):]:
+      if r["success"] is None:
+        say(f"edits {r['stage']} {r['task']} strength {r['strength']:g}: floor(N s) = 0 of "
+            f"its {steps} steps, skipped")
+        continue
+      say(f"edits {r['stage']} {r['task']}"
+          + (f" strength {r['strength']:g}" if r["strength"] is not None else "")
+          + f" ({r['nfe']} NFE, w={w:g}): success {r['success']:.3f}"
+          + (f", preservation {r['preservation']:.3f}" if r["preservation"] is not None else "")
+          + (f", PSNR kept {r['psnr_keep']:.1f} dB" if "psnr_keep" in r else "")
+          + f", {r['seconds']:.2f} s")
+  out = {"w": w, "strengths": [float(s) for s in e.edit_strengths], "rows": results,
+         "description": __doc__.split("\n\n")[0]}
+  if jax.process_index() == 0:
+    paths.write_json_atomic(paths.join(eval_dir, "edits.json"), out)
+    paths.write_text_atomic(paths.join(eval_dir, "edits.md"), markdown(out))
+  return out
+
+
+def markdown(out: dict) -> str:
+  lines = [f"Editing and inpainting at w = {out['w']:g} (gdistill/edit_eval.py; NFE per "
+           "image, seconds for all images of the row)", "",
+           "| stage | task | strength | NFE | success | preservation | PSNR kept (dB) | s |",
+           "|---|---|---|---|---|---|---|---|"]
+  f = lambda v, fmt: "-" if v is None else format(v, fmt)
+  for r in out["rows"]:
+    if r["success"] is None:
+      lines.append(f"| {r['stage']} | {r['task']} | {f(r['strength'], 'g')} | 0 | "
+                   f"{r['note']} | | | |")
+      continue
+    lines.append(f"| {r['stage']} | {r['task']} | {f(r['strength'], 'g')} | {r['nfe']} | "
+                 f"{r['success']:.3f} | {f(r['preservation'], '.3f')} | "
+                 f"{f(r.get('psnr_keep'), '.1f')} | {r['seconds']:.2f} |")
+  return "\n".join(lines) + "\n"
