@@ -219,7 +219,9 @@ def tpu_topology(name: str) -> list:
         "installed: pip install 'jax[tpu]' (it needs no TPU), or leave compile.topology empty "
         "to compile for this host's devices") from None
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
-  return list(topologies.get_topology_desc(topology_name=topo, platform="tpu").devices)
+  # v4 / v5p: one device per chip (megacore), as a TPU VM of that slice presents them.
+  kw = {"chip_config_name": "megacore"} if topo.split(":")[0] in ("v4", "v5p") else {}
+  return list(topologies.get_topology_desc(topology_name=topo, platform="tpu", **kw).devices)
 
 
 def run(config, workdir: str, devices=None) -> list[dict]:
