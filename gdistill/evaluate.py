@@ -160,18 +160,18 @@ def evaluate_workdir(config, workdir: str) -> dict:
          "stages": stages, "rows": results, "compile_seconds": compile_s,
          "setup_seconds": round(setup_s, 3),
          "total_seconds": round(time.perf_counter() - t_start, 3)}
+  # Editing and inpainting (their table in eval/edits.md), before the main table is printed
+  # last on the console.
+  model = None
+  t0 = time.perf_counter()
+  if edit_eval.run(config, workdir, eval_dir, stages, say=say) is not None:
+    say(f"editing and inpainting in {time.perf_counter() - t0:.1f} s -> "
+        f"{paths.join(eval_dir, 'edits.md')}")
   if primary:
     write_results(out, rows, eval_dir, tensorboard=bool(config.log.tensorboard))
     say(f"{len(rows)} rows x {len(ws)} w in {out['total_seconds']:.1f} s -> "
         f"{paths.join(eval_dir, 'results.md')}")
     print(markdown_table(out, rows), end="", flush=True)
-  model = None
-  t0 = time.perf_counter()
-  edits = edit_eval.run(config, workdir, eval_dir, stages, say=say)
-  if edits is not None and primary:
-    say(f"editing and inpainting in {time.perf_counter() - t0:.1f} s -> "
-        f"{paths.join(eval_dir, 'edits.md')}")
-    print(edit_eval.markdown(edits), end="", flush=True)
   return out
 
 
