@@ -57,8 +57,8 @@ def shapes_cases(test: dict, n: int) -> dict:
   from gdistill.data import shapes
   one = np.flatnonzero(test["num_objects"] == 1)[:n]
   two = np.flatnonzero(test["num_objects"] == 2)[:n]
-  noun = lambda color, shape, size: f"{shapes.SIZES[size]} {shapes.COLORS[color]} " \
-                                    f"{shapes.SHAPES[shape]}"
+  def noun(color, shape, size):
+    return f"{shapes.SIZES[size]} {shapes.COLORS[color]} {shapes.SHAPES[shape]}"
   rec = {"images": test["image"][one], "cell": test["cell"][one, 0],
          "shape": test["shape"][one, 0],
          "old": test["color"][one, 0],
@@ -81,7 +81,7 @@ def shapes_cases(test: dict, n: int) -> dict:
   fill["masks"] = np.zeros((len(one), 32, 32), np.uint8)
   for i, cell in enumerate(fill["cell"]):
     fill["masks"][i][_cell_box(cell)] = 1
-  fill["prompts"] = [f"a large {noun(c, s, 1).split(' ', 1)[1]} {shapes.CELL_PHRASES[cell]}"
+  fill["prompts"] = [f"a {noun(c, s, 1)} {shapes.CELL_PHRASES[cell]}"  # size 1: large
                      for c, s, cell in zip(fill["color"], fill["shape"], fill["cell"])]
   return {"recolour": rec, "remove": rem, "fill": fill}
 
