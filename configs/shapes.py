@@ -8,13 +8,22 @@ rounds N0 / 2 -> 1 step, and the evaluation (adherence, diversity, Frechet dista
 
   python -m gdistill.main --config=configs/shapes.py --workdir=workdirs/shapes
   python -m gdistill.main --config=configs/shapes.py:quick --workdir=workdirs/shapes_quick
+  python -m gdistill.main --config=configs/shapes.py:inpaint --workdir=workdirs/shapes_inpaint
   python -m gdistill.main --config=configs/shapes.py --mode=sample \\
       --config.sample.prompts_file=prompts.txt --config.sample.w=3 --workdir=workdirs/shapes
 """
 from gdistill import config_lib
 
 
+VARIANTS = ("quick", "inpaint")
+
+
 def get_config(arg: str = ""):
+  """arg: '' | 'quick' | 'inpaint' | 'inpaint_quick' (the inpainting chain as a smoke test)."""
+  parts = set(arg.split("_")) if arg else set()
+  if not parts <= set(VARIANTS):
+    raise ValueError(f"configs/shapes.py: unknown variant {arg!r}; valid: '', 'quick', "
+                     "'inpaint', 'inpaint_quick'")
   c = config_lib.base_config()
   c.stage = "pipeline"
   c.data.update(dict(name="shapes", num_classes=0))
@@ -51,7 +60,12 @@ def get_config(arg: str = ""):
   c.log.update(dict(every_steps=100, sample_w=(0.0, 3.0), sample_prompts=8))
   c.eval.update(dict(w=(0.0, 1.0, 3.0, 5.0), steps=(1, 2, 4, 8), samplers=("ddim",),
                      batch_size=256, classifier_steps=3000))
-  if arg == "quick":
+  if "inpaint" in parts:
+    # The distilled inpainting chain (docs/EDITING.md): every denoising stage takes the mask
+    # and the masked image's latents (SD's 9-channel inpainting layout) and trains on random
+    # masks (config.masks); full masks keep it a text-to-image model too.
+    c.model.inpainting = True
+  if "quick" in parts:
     # A smoke test of every stage (its samples are not yet shapes): ~5 min on 2 CPU cores.
     c.autoencoder.update(dict(num_steps=300, warmup_steps=20))
     c.teacher.update(dict(num_steps=300, warmup_steps=30))
@@ -61,7 +75,5 @@ def get_config(arg: str = ""):
     c.log.every_steps = 50
     c.eval.update(dict(w=(0.0, 3.0), steps=(1, 2, 4), classifier_steps=300,
                        prompts_single=96, prompts_two=48, prompts_per_group=4))
-  elif arg:
-    raise ValueError(f"configs/shapes.py: unknown variant {arg!r}; valid: '' or 'quick'")
   c.lock()
   return c

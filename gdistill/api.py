@@ -139,6 +139,46 @@ class Model:
     self._decode = latents.decoder() if latents is not None else None
     self.schedule = schedules.from_dict(metadata["schedule"])
     self._clip = (-1.0, 1.0) if config.diffusion.clip_x else None
+    self._blocks: dict = {}
+
+  @property
+  def inpainting(self) -> bool:
+    """Whether this is an inpainting model (it takes the mask and the masked image)."""
+    return bool(self.denoiser.inpainting)
+
+  def inpaint_condition(self, x, masks):
+    """An inpainting model's [mask, masked image] block (gdistill/inpainting.py) of images x
+    [B, H, W, C] in [-1, 1] and masks [B, H, W, 1], on the devices (jitted once)."""
+    if "block" not in self._blocks:
+      from gdistill import inpainting  # pylint: disable=import-outside-toplevel
+      if self.latents is None:
+        fn = jax.jit(lambda p, x, m: inpainting.condition(x, m))
+      else:
+        fn = jax.jit(lambda p, x, m: inpainting.condition(
+            x, m, lambda im: self.latents.encode(p, im)))
+      self._blocks["block"] = fn
+    params = None if self.latents is None else self.latents.params
+    sh = sharding.batch_sharding(self.mesh)
+    return self._blocks["block"](params, jax.device_put(np.asarray(x, np.float32), sh),
+                                 jax.device_put(np.asarray(masks, np.float32), sh))
+
+  def generation_condition(self, batch: int):
+    """The block of a full mask (plain generation) for a batch of `batch`, cached."""
+    key = ("generation", int(batch))
+    if key not in self._blocks:
+      shape = (int(batch),) + tuple(self.image_shape)
+      self._blocks[key] = self.inpaint_condition(np.zeros(shape, np.float32),
+                                                 np.ones(shape[:-1] + (1,), np.float32))
+    return self._blocks[key]
+
+  def cond_batch(self, cond: np.ndarray, block=None):
+    """What the sampler takes for one padded batch of conditions: the labels / token ids on
+    the devices, for an inpainting model with its image block (block None: generation)."""
+    c = jax.device_put(np.asarray(cond, np.int32), sharding.batch_sharding(self.mesh))
+    if not self.inpainting:
+      return c
+    return {"c": c, "inpaint": self.generation_condition(len(cond)) if block is None
+            else block}
 
   @property
   def kind(self) -> str:
@@ -266,7 +306,7 @@ class Model:
       c[:keep] = cond[lo:lo + keep]
       ww = np.zeros((bs,), np.float32)
       ww[:keep] = w[lo:lo + keep]
-      x = fn(self.params, jax.random.fold_in(key, b), jax.device_put(c, batch_sh),
+      x = fn(self.params, jax.random.fold_in(key, b), self.cond_batch(c),
              jax.device_put(ww, batch_sh), np.int32(steps))
       if decode and self._decode is not None:
         x = self._decode(x)
@@ -297,14 +337,17 @@ class Model:
   def inpaint(self, images, masks, labels=None, prompts: Optional[Sequence[str]] = None, *,
               w: Union[float, np.ndarray] = 0.0, steps: Optional[int] = None,
               sampler: str = "ddim", rng=None, batch_size: Optional[int] = None,
-              paste_back: bool = True) -> np.ndarray:
-    """Inpainting by replacement: float32 [n, *image_shape] in [-1, 1].
+              paste_back: bool = True, method: Optional[str] = None) -> np.ndarray:
+    """Inpainting: float32 [n, *image_shape] in [-1, 1].
 
     masks [n, H, W] in {0, 1}, 1 = repaint. All N steps run (NFE N for a student, 2 N for
-    the teacher); the kept region is reset to the input diffused to each step's time.
+    the teacher). method 'model' (the default for an inpainting model, model.inpainting):
+    the network sees the mask and the masked image and samples from noise; 'replacement'
+    (the default otherwise, any model): the kept region is reset to the input diffused to
+    each step's time (an inpainting model then gets a full mask, as when it generates).
     paste_back: the output equals the input exactly where the mask is 0 (after decoding).
-    A mask of zeros returns the input; a mask of ones is sample() with the same rng.
-    gdistill/editing.py.
+    A mask of zeros returns the input; with replacement a mask of ones is sample() with the
+    same rng. gdistill/editing.py.
     """
     from gdistill import editing  # pylint: disable=import-outside-toplevel
     x = editing.as_images(images, self.image_shape)
@@ -316,8 +359,10 @@ class Model:
       raise ValueError(f"steps={steps}: must be >= 1")
     if self.w_outside_training(w):
       warnings.warn(self.w_outside_training(w), stacklevel=2)
+    method = editing.check_method(self, method)
     return editing.run(self, x, cond, w=w, steps=steps, start=steps, masks=m,
-                       sampler=sampler, rng=rng, batch_size=batch_size, paste_back=paste_back)
+                       sampler=sampler, rng=rng, batch_size=batch_size, paste_back=paste_back,
+                       method=method)
 
   def decode(self, latents: np.ndarray) -> np.ndarray:
     """A latent model's latents -> images in [-1, 1] (identity in pixel space)."""
@@ -328,7 +373,8 @@ class Model:
   def compile(self, sampler: str = "ddim", batch_size: int = 1) -> None:
     """Compiles (by running one step) the sampler for this batch size, so timings skip it."""
     bs = self.round_batch(batch_size)
-    cond = np.zeros((bs,) + self.denoiser.example_cond(1).shape[1:], np.int32)
+    cond = np.zeros((bs,) + jax.tree.leaves(self.denoiser.example_cond(
+        1, self.example_shape))[0].shape[1:], np.int32)
     list(self.sample_batches(cond, steps=1, sampler=sampler, batch_size=batch_size,
                              warn_w=False))
 

@@ -101,7 +101,11 @@ def base_config():
                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
                  attention_head_dim=4, time_cond_proj_dim=256, use_linear_projection=False,
-                 attention_impl="", student_parametrization="")
+                 attention_impl="", student_parametrization="", inpainting=False)
+  # model.inpainting: the network also takes the mask and the masked image (Stable Diffusion's
+  # inpainting layout, gdistill/inpainting.py); its stages train on random masks of these
+  # kinds, drawn with these weights (full: the whole image, so it still generates from text).
+  c.masks = dict(box=0.4, stroke=0.2, border=0.2, full=0.2)
   # The text encoder of model.conditioning='text': CLIP's text transformer, trained jointly with
   # the teacher (GLIDE) and frozen afterwards; a word-level tokenizer of the dataset's vocabulary
   # with CLIP's conventions (BOS, EOS, EOS padding to max_length).
@@ -237,6 +241,8 @@ def _pick(section, keys) -> dict:
 def arch_dict(model_cfg) -> dict:
   """The model keys that fix the parameters (not dropout, compute dtype or remat)."""
   keys = ARCH_KEYS + (SD_ARCH_KEYS if model_cfg["name"] == "unet2d_condition" else ())
+  # An inpainting model records it (other models keep their hash: old exports still fit).
+  keys += ("inpainting",) if model_cfg.get("inpainting") else ()
   return _pick(model_cfg, keys)
 
 
@@ -393,6 +399,12 @@ def validate(c, *, num_devices: int, num_processes: int = 1, dataset_info=None):
   _need(0.0 < dcfg.beta_start < dcfg.beta_end < 1.0, "diffusion.beta_start", dcfg.beta_start,
         f"need 0 < beta_start < beta_end={dcfg.beta_end} < 1")
   _need(m.w_scale > 0, "model.w_scale", m.w_scale, "must be > 0")
+  _need(isinstance(m.inpainting, bool), "model.inpainting", m.inpainting, "True or False")
+  if m.inpainting:
+    _need(m.name != "mlp", "model.inpainting", m.inpainting,
+          "an image model ('unet' or 'unet2d_condition'; 'mlp' takes flat vectors)")
+    from gdistill import inpainting
+    inpainting.mask_probabilities(c.masks)
   p = c.progressive
   _need(_is_pow2(p.start_steps), "progressive.start_steps", p.start_steps,
         "must be a power of two >= 2 (e.g. 1024)")

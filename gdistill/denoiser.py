@@ -9,6 +9,11 @@ num_classes) or 'tokens' (int [B, L] caption ids; null = the empty caption "", S
 Diffusion's convention). encode_cond turns the field into what the network takes: labels as
 they are, tokens through the model's text encoder (once per batch: a teacher's encoding is
 shared with its student, whose own copy of the encoder stays frozen).
+
+An inpainting model (`inpainting`, gdistill/inpainting.py) also takes the batch field 'inpaint'
+([B, h, w, 1 + C]: the mask and the masked image), concatenated to z_t along channels before
+the network. Its condition is then a dict {'c': the encoded text / label, 'inpaint': ...};
+guidance drops only 'c', both forwards see the same image block.
 """
 from __future__ import annotations
 
@@ -23,6 +28,8 @@ import jax.numpy as jnp
 from gdistill import diffusion
 from gdistill import models
 from gdistill import schedules
+from gdistill.inpainting import FIELD as INPAINT_FIELD
+from gdistill.inpainting import extra_channels
 
 # Parameters a w-conditioned student adds to its teacher (all zero-initialised at the end).
 W_EMBEDDING_PARAMS = ("w_dense", "cond_proj")
@@ -38,6 +45,7 @@ class Denoiser:
   parametrization: str
   num_classes: int = 0
   null_tokens: Optional[tuple[int, ...]] = None
+  inpainting: bool = False
 
   @property
   def w_conditioned(self) -> bool:
@@ -49,11 +57,30 @@ class Denoiser:
     return "label" if self.null_tokens is None else "tokens"
 
   @property
+  def cond_fields(self) -> tuple[str, ...]:
+    """Every batch field the condition is made of (an inpainting model adds 'inpaint')."""
+    return (self.cond_field,) + ((INPAINT_FIELD,) if self.inpainting else ())
+
+  def cond_input(self, batch: dict):
+    """The condition's input from a batch: the field, or for an inpainting model the dict
+    {'c': the field, 'inpaint': the mask and masked image}."""
+    if self.inpainting:
+      return {"c": batch[self.cond_field], INPAINT_FIELD: batch[INPAINT_FIELD]}
+    return batch[self.cond_field]
+
+  @property
   def null_label(self) -> int:
     return self.num_classes
 
   def encode_cond(self, params, cond_input, drop=None):
-    """The batch field -> the network's condition; where drop [B] is True, the null one."""
+    """The condition input -> the network's condition; where drop [B] is True, the null one
+    (an inpainting model keeps its image block)."""
+    if self.inpainting:
+      return {"c": self._encode(params, cond_input["c"], drop),
+              INPAINT_FIELD: cond_input[INPAINT_FIELD]}
+    return self._encode(params, cond_input, drop)
+
+  def _encode(self, params, cond_input, drop):
     if self.null_tokens is None:
       return cond_input if drop is None else jnp.where(drop, self.null_label, cond_input)
     tokens = cond_input
@@ -70,10 +97,23 @@ class Denoiser:
     ctx = self.module.apply({"params": params}, tokens, method="encode_text")
     return jnp.broadcast_to(ctx, (batch,) + ctx.shape[1:])
 
+  def null_like(self, params, cond):
+    """The null condition of an encoded condition's batch (an inpainting model's image block
+    kept)."""
+    if self.inpainting:
+      c = cond["c"]
+      return {"c": self.null_cond(params, c.shape[0]).astype(c.dtype),
+              INPAINT_FIELD: cond[INPAINT_FIELD]}
+    return self.null_cond(params, cond.shape[0]).astype(cond.dtype)
+
   def x_pred(self, params, z, logsnr, cond, w=None, *, train: bool = False,
              rngs: Optional[dict] = None):
     """x_hat(z_t, c[, w]) from the network output in its parametrization."""
-    out = self.module.apply({"params": params}, z, logsnr, cond,
+    z_in = z
+    if self.inpainting:
+      z_in = jnp.concatenate([z, cond[INPAINT_FIELD].astype(z.dtype)], axis=-1)
+      cond = cond["c"]
+    out = self.module.apply({"params": params}, z_in, logsnr, cond,
                             w if self.w_conditioned else None, train=train, rngs=rngs)
     return diffusion.x_from_output(out, z, logsnr, self.parametrization)
 
@@ -83,16 +123,22 @@ class Denoiser:
       raise ValueError("guided_x_pred combines two forwards of a teacher; this model is a "
                        "w-conditioned student: call x_pred(..., w=w)")
     b = z.shape[0]
-    null = self.null_cond(params, b)
-    x = self.x_pred(params, jnp.concatenate([z, z]), jnp.concatenate([logsnr, logsnr]),
-                    jnp.concatenate([cond, null.astype(cond.dtype)]))
+    both = jax.tree.map(lambda c, n: jnp.concatenate([c, n]), cond,
+                        self.null_like(params, cond))
+    x = self.x_pred(params, jnp.concatenate([z, z]), jnp.concatenate([logsnr, logsnr]), both)
     return diffusion.guided(x[:b], x[b:], w)
 
-  def example_cond(self, batch: int):
-    """A placeholder condition input (zeros) of the right shape and dtype."""
+  def example_cond(self, batch: int, example_shape=None):
+    """A placeholder condition input (zeros) of the right shape and dtype (an inpainting
+    model's needs the example shape)."""
     if self.null_tokens is None:
-      return jnp.zeros((batch,), jnp.int32)
-    return jnp.zeros((batch, len(self.null_tokens)), jnp.int32)
+      c = jnp.zeros((batch,), jnp.int32)
+    else:
+      c = jnp.zeros((batch, len(self.null_tokens)), jnp.int32)
+    if not self.inpainting:
+      return c
+    h, w, ch = example_shape
+    return {"c": c, INPAINT_FIELD: jnp.zeros((batch, h, w, 1 + ch), jnp.float32)}
 
   def init_abstract(self, example_shape, batch: int = 1):
     """jax.eval_shape of init: boxed (logically partitioned) parameter shapes."""
@@ -107,7 +153,10 @@ class Denoiser:
       z = jnp.zeros((batch,) + tuple(example_shape), jnp.float32)
       logsnr = jnp.zeros((batch,), jnp.float32)
       w = jnp.zeros((batch,), jnp.float32) if self.w_conditioned else None
-      return self.module.init({"params": rng}, z, logsnr, self.example_cond(batch), w)["params"]
+      cond = self.example_cond(batch, example_shape)
+      if self.inpainting:
+        z, cond = jnp.concatenate([z, cond[INPAINT_FIELD]], axis=-1), cond["c"]
+      return self.module.init({"params": rng}, z, logsnr, cond, w)["params"]
     return init
 
 
@@ -124,10 +173,11 @@ def build_module(model_cfg, *, w_embedding: bool = False, dtype=None, schedule=N
   compute = _DTYPES[dtype or model_cfg.dtype]
   param = _DTYPES[model_cfg.param_dtype]
   out = diffusion.output_channels(model_cfg.parametrization, model_cfg.channels)
+  extra = extra_channels(model_cfg.channels) if model_cfg.get("inpainting") else 0
   if model_cfg.name == "unet2d_condition":
     kw = dict(dtype=compute, param_dtype=param, attention_impl=model_cfg.attention_impl or None)
     unet = models.UNet2DConditionModel(
-        in_channels=model_cfg.channels, out_channels=out,
+        in_channels=model_cfg.channels + extra, out_channels=out,
         down_block_types=tuple(model_cfg.down_block_types),
         up_block_types=tuple(model_cfg.up_block_types),
         block_out_channels=tuple(model_cfg.block_out_channels),
@@ -158,6 +208,9 @@ def build_module(model_cfg, *, w_embedding: bool = False, dtype=None, schedule=N
                        resblock_updown=bool(model_cfg.resblock_updown),
                        remat=bool(model_cfg.remat), **common)
   if model_cfg.name == "mlp":
+    if extra:
+      raise ValueError("model.inpainting needs an image model ('unet' or 'unet2d_condition'); "
+                       "model.name='mlp' takes flat vectors")
     return models.MLPDenoiser(hidden=model_cfg.ch, num_blocks=model_cfg.num_res_blocks,
                               dropout=float(model_cfg.dropout), **common)
   raise ValueError(f"model.name={model_cfg.name!r} is unknown; valid: 'unet', 'mlp', "
@@ -180,7 +233,8 @@ def build_denoiser(model_cfg, *, w_embedding: bool = False, dropout: Any = None,
                         text_cfg=text_cfg, vocab_size=tokenizer.vocab_size if text else 0)
   null = tuple(int(i) for i in tokenizer.encode([""])[0]) if text else None
   return Denoiser(module, model_cfg.parametrization,
-                  0 if text else int(model_cfg.num_classes), null)
+                  0 if text else int(model_cfg.num_classes), null,
+                  inpainting=bool(model_cfg.get("inpainting", False)))
 
 
 def student_params_from_teacher(teacher_params, student_params):

@@ -19,7 +19,9 @@ represent is refused by name (read() lists every unsupported field):
                                                 it: 23 layers, last_hidden_state)
   SDXL (text_encoder_2, added time / text ids)  refused: two text encoders and the
                                                 addition embedding are not implemented
-  inpainting U-Nets (in_channels 9)             refused here (the inpainting issue)
+  inpainting U-Nets (in_channels 9)             supported (model.inpainting: latents 4, mask 1,
+                                                masked-image latents 4, gdistill/inpainting.py;
+                                                written back as StableDiffusionInpaintPipeline)
   .bin (pickle) weights                         refused: convert to safetensors
 """
 from __future__ import annotations
@@ -34,7 +36,7 @@ import numpy as np
 from gdistill import schedules, weight_map
 from gdistill.clip_tokenizer import CLIPTokenizer
 
-PIPELINES = ("StableDiffusionPipeline",)
+PIPELINES = ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline")
 WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors",
            "vae": "diffusion_pytorch_model.safetensors",
            "text_encoder": "model.safetensors"}
@@ -94,12 +96,14 @@ def unet_sections(unet: dict, prediction: str) -> tuple[dict, list[str]]:
     problems.append("unet/config.json: addition_embed_type / addition_time_embed_dim (SDXL's "
                     "added time and text conditions) are not supported")
   cin, cout = int(unet.get("in_channels", 4)), int(unet.get("out_channels", 4))
-  if cin != cout:
+  from gdistill import inpainting
+  inpaint = cin == cout + inpainting.extra_channels(cout)   # SD inpainting: 9 = 4 + 1 + 4
+  if cin != cout and not inpaint:
     problems.append(f"unet/config.json: in_channels={cin}, out_channels={cout}: only "
-                    "in_channels == out_channels (in_channels 9 is an inpainting U-Net, not "
-                    "supported yet)")
+                    "in_channels == out_channels, or an inpainting U-Net's 2 out + 1 (9 for 4)")
   heads = unet.get("attention_head_dim", 8)
-  model = dict(name="unet2d_condition", conditioning="text", channels=cin,
+  model = dict(name="unet2d_condition", conditioning="text", channels=cout,
+               inpainting=inpaint,
                image_size=int(unet.get("sample_size") or 64), num_classes=0,
                parametrization=prediction, dropout=0.0,
                num_groups=int(unet.get("norm_num_groups", 32)),
@@ -284,10 +288,12 @@ def read_params(path: str, template: Mapping, family: str,
 def unet_config(model: Mapping, text: Mapping, time_cond_proj_dim: Optional[int]) -> dict:
   """diffusers' UNet2DConditionModel config.json of a gdistill config.model / config.text."""
   heads = model["attention_head_dim"]
-  from gdistill import diffusion
+  from gdistill import diffusion, inpainting
   out_channels = diffusion.output_channels(model["parametrization"], int(model["channels"]))
   return {"_class_name": "UNet2DConditionModel", "sample_size": int(model["image_size"]),
-          "in_channels": int(model["channels"]), "out_channels": int(out_channels),
+          "in_channels": int(model["channels"]) + (inpainting.extra_channels(
+              int(model["channels"])) if model.get("inpainting") else 0),
+          "out_channels": int(out_channels),
           "down_block_types": list(model["down_block_types"]),
           "up_block_types": list(model["up_block_types"]),
           "block_out_channels": [int(c) for c in model["block_out_channels"]],
@@ -365,7 +371,8 @@ def write(directory: str, *, model: Mapping, text: Mapping, vae: Mapping,
   _write_json(os.path.join(directory, "scheduler", "scheduler_config.json"),
               schedules.diffusers_scheduler_config(schedule, parametrization))
   _write_json(os.path.join(directory, "model_index.json"), {
-      "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+      "_class_name": PIPELINES[int(bool(model.get("inpainting")))],
+      "_diffusers_version": "0.42.1",
       "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
       "text_encoder": ["transformers", "CLIPTextModel"],
       "tokenizer": ["transformers", "CLIPTokenizer"],

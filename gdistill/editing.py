@@ -26,7 +26,7 @@ from typing import Optional
 import jax
 import numpy as np
 
-from gdistill import sampling, sharding
+from gdistill import inpainting, sampling, sharding
 
 _EDITORS: dict = {}
 
@@ -66,17 +66,27 @@ def as_masks(masks, n: int, image_shape: tuple[int, ...]) -> np.ndarray:
   return m.astype(np.float32)[..., None]
 
 
-def latent_mask(masks: np.ndarray, latent_hw: tuple[int, int]) -> np.ndarray:
-  """[n, H, W, 1] pixel masks -> [n, h, w, 1]: 1 where any pixel of the latent's f x f block
-  is 1 (max-pooling)."""
-  n, h, w, _ = masks.shape
-  fh, fw = h // latent_hw[0], w // latent_hw[1]
-  return masks.reshape(n, latent_hw[0], fh, latent_hw[1], fw, 1).max(axis=(2, 4))
-
-
 def check_counts(n_images: int, n_cond: int, what: str) -> None:
   if n_images != n_cond:
     raise ValueError(f"{n_images} images but {n_cond} {what}: pass one per image")
+
+
+METHODS = ("model", "replacement")
+
+
+def check_method(model, method: Optional[str]) -> str:
+  """The inpainting method: None -> 'model' for an inpainting model, else 'replacement';
+  refuses 'model' for a stage that cannot inpaint and unknown names."""
+  if method is None:
+    return "model" if model.inpainting else "replacement"
+  if method not in METHODS:
+    raise ValueError(f"method={method!r}: valid {METHODS}")
+  if method == "model" and not model.inpainting:
+    raise ValueError(f"stage {model.stage!r} cannot inpaint as a model: it does not take a "
+                     "mask (model.inpainting is False). Use method='replacement', or train an "
+                     "inpainting model (configs/shapes.py:inpaint, --config.model.inpainting"
+                     "=True)")
+  return method
 
 
 def _editor(model, sampler: str):
@@ -89,9 +99,12 @@ def _editor(model, sampler: str):
 
 def run(model, x: np.ndarray, cond: np.ndarray, *, w, steps: int, start: int,
         masks: Optional[np.ndarray], sampler: str = "ddim", rng=None,
-        batch_size: Optional[int] = None, paste_back: bool = True) -> np.ndarray:
+        batch_size: Optional[int] = None, paste_back: bool = True,
+        method: str = "replacement") -> np.ndarray:
   """Edits (masks None: start = edit_start(N, strength)) or inpaints (start = N) the images x
-  (float [-1, 1], as_images) of a loaded Model; float32 [n, *image_shape] in [-1, 1]."""
+  (float [-1, 1], as_images) of a loaded Model; float32 [n, *image_shape] in [-1, 1].
+  method (inpainting): 'replacement', or 'model' (an inpainting model given the mask and the
+  masked image, sampling every latent from noise with nothing reset)."""
   n = len(x)
   if n == 0:
     return np.zeros((0,) + tuple(model.image_shape), np.float32)
@@ -109,14 +122,20 @@ def run(model, x: np.ndarray, cond: np.ndarray, *, w, steps: int, start: int,
         [a[lo:lo + keep], np.full((bs - keep,) + a.shape[1:], fill, a.dtype)])
     xb, cb, wb = pad(x), pad(np.asarray(cond, np.int32)), pad(w.astype(np.float32))
     x0 = encode(jax.device_put(xb, batch_sh))
+    block = None                     # an inpainting model's image block: generation
     if masks is None:  # an edit: every latent noised, none kept
       noised = np.ones((bs,) + tuple(model.example_shape[:-1]) + (1,), np.float32)
       kept = np.zeros_like(noised)
+    elif method == "model":  # the network sees mask and masked image; all from noise
+      mb = pad(masks)
+      block = model.inpaint_condition(xb, mb)
+      noised = np.zeros((bs,) + tuple(model.example_shape[:-1]) + (1,), np.float32)
+      kept = noised
     else:
       mb = pad(masks)
-      m = latent_mask(mb, latent_hw) if model.latents is not None else mb
+      m = inpainting.pool_mask(mb, latent_hw) if model.latents is not None else mb
       noised = kept = 1.0 - m
-    z = fn(model.params, jax.random.fold_in(key, b), jax.device_put(cb, batch_sh),
+    z = fn(model.params, jax.random.fold_in(key, b), model.cond_batch(cb, block),
            jax.device_put(wb, batch_sh), np.int32(steps), np.int32(start), x0,
            jax.device_put(noised, batch_sh), jax.device_put(kept, batch_sh))
     img = model._decode(z) if model._decode is not None else z  # pylint: disable=protected-access

@@ -3,8 +3,8 @@
 Each loss has the signature
   loss_fn(params, teacher_params, batch, rng) -> (loss scalar, aux dict of scalars)
 with batch = {'x': [B, ...] (images in [-1, 1], or latents), the condition field ('label' [B]
-int or 'tokens' [B, L] int, Denoiser.cond_field), 'student_steps': int32 []} (the last is the
-round's N, read by progressive losses only). teacher_params is None for the autoencoder and
+int or 'tokens' [B, L] int, Denoiser.cond_field; an inpainting model's also 'inpaint'),
+'student_steps': int32 []} (the last is the round's N, read by progressive losses only). teacher_params is None for the autoencoder and
 the teacher. The teacher's forwards run in inference mode under stop_gradient; its encoding of
 the condition (a text model's text encoder) is computed once and shared with the student.
 """
@@ -56,7 +56,7 @@ def teacher_loss(student: Denoiser, dcfg, weighting: str) -> Callable:
     logsnr = sched(jax.random.uniform(r_t, (b,)))
     z = diffusion.diffuse(x, jax.random.normal(r_eps, x.shape), logsnr)
     drop = jax.random.bernoulli(r_drop, dcfg.p_uncond, (b,))
-    cond = student.encode_cond(params, batch[student.cond_field], drop)
+    cond = student.encode_cond(params, student.cond_input(batch), drop)
     x_pred = student.x_pred(params, z, logsnr, cond, train=True, rngs={"dropout": r_dropout})
     per_ex = diffusion.weighted_x_loss(x_pred, x, logsnr, weighting)
     return jnp.mean(per_ex), {"x_mse": jnp.mean(jnp.square(x_pred - x))}
@@ -74,7 +74,7 @@ def guided_loss(student: Denoiser, teacher: Denoiser, dcfg, weighting: str) -> C
     logsnr = sched(jax.random.uniform(r_t, (b,)))
     w = jax.random.uniform(r_w, (b,), minval=dcfg.w_min, maxval=dcfg.w_max)
     z = diffusion.diffuse(x, jax.random.normal(r_eps, x.shape), logsnr)
-    cond = jax.lax.stop_gradient(teacher.encode_cond(teacher_params, batch[teacher.cond_field]))
+    cond = jax.lax.stop_gradient(teacher.encode_cond(teacher_params, teacher.cond_input(batch)))
     target = jax.lax.stop_gradient(teacher.guided_x_pred(teacher_params, z, logsnr, cond, w))
     x_pred = student.x_pred(params, z, logsnr, cond, w, train=True,
                             rngs={"dropout": r_dropout})
@@ -114,7 +114,7 @@ def progressive_loss(student: Denoiser, teacher: Denoiser, dcfg, clip_x: bool,
     lt, lt1, lt2 = sched(t), sched(t - 0.5 / n), sched(t - 1.0 / n)
     w = jax.random.uniform(r_w, (b,), minval=dcfg.w_min, maxval=dcfg.w_max)
     z_t = diffusion.diffuse(x, jax.random.normal(r_eps, x.shape), lt)
-    cond = jax.lax.stop_gradient(teacher.encode_cond(teacher_params, batch[teacher.cond_field]))
+    cond = jax.lax.stop_gradient(teacher.encode_cond(teacher_params, teacher.cond_input(batch)))
 
     def teacher_x(z, logsnr):
       xh = teacher.x_pred(teacher_params, z, logsnr, cond, w)

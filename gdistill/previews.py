@@ -63,10 +63,17 @@ def diffusion_preview(config, kind: str, student, latents=None, tokenizer=None) 
   cond = np.concatenate([conds] * len(ws))
   w = np.repeat(np.asarray(ws, np.float32), len(conds))
   default_steps = int(config.log.sample_steps or config.progressive.start_steps)
+  cond_in = jnp.asarray(cond)
+  if getattr(student, "inpainting", False):  # the grid of an inpainting model: generation
+    from gdistill import inpainting
+    from gdistill.stage_setup import data_shape
+    encode = None if latents is None else (lambda im: latents.encode(latents.params, im))
+    cond_in = {"c": cond_in, inpainting.FIELD: jax.jit(
+        lambda: inpainting.generation_condition(len(cond), data_shape(config), encode))()}
 
   def preview(params, stage: Stage, step: int, dash: dashboard.Dashboard, workdir: str) -> str:
     steps = stage.student_steps or default_steps
-    z = sampler(params, jax.random.key(1234), jnp.asarray(cond), jnp.asarray(w),
+    z = sampler(params, jax.random.key(1234), cond_in, jnp.asarray(w),
                 jnp.int32(steps))
     x = np.asarray(jax.device_get(decode(z)))
     path = _png_path(workdir, stage, step)

@@ -123,7 +123,7 @@ def make_editor(denoiser: Denoiser, spec: SamplerSpec, example_shape: tuple[int,
   1] is the region reset to x0 after every step (sample_loop's `known`).
   """
   def run(params, rng, cond_input, w, num_steps, start, x0, noised, keep):
-    b = cond_input.shape[0]
+    b = jax.tree.leaves(cond_input)[0].shape[0]
     w = jnp.broadcast_to(jnp.asarray(w, jnp.float32), (b,))
     rng_init, rng_steps = jax.random.split(rng)
     eps = jax.random.normal(rng_init, (b,) + tuple(example_shape), jnp.float32)
@@ -138,13 +138,14 @@ def make_editor(denoiser: Denoiser, spec: SamplerSpec, example_shape: tuple[int,
 
 def make_sampler(denoiser: Denoiser, spec: SamplerSpec, example_shape: tuple[int, ...]):
   """Jitted fn(params, rng, cond [B] labels or [B, L] tokens, w [B], num_steps) -> samples
-  [B, *example_shape] (latents for a latent model).
+  [B, *example_shape] (latents for a latent model). An inpainting model's cond is the dict
+  Denoiser.cond_input makes ({'c': labels or tokens, 'inpaint': [B, h, w, 1 + C]}).
 
   The condition is encoded once (a text model's encoder runs before the loop, not per step);
   num_steps is traced: one compilation per batch size serves every N.
   """
   def run(params, rng, cond_input, w, num_steps):
-    b = cond_input.shape[0]
+    b = jax.tree.leaves(cond_input)[0].shape[0]
     w = jnp.broadcast_to(jnp.asarray(w, jnp.float32), (b,))
     rng_init, rng_steps = jax.random.split(rng)
     z1 = jax.random.normal(rng_init, (b,) + tuple(example_shape), jnp.float32)

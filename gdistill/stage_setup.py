@@ -134,9 +134,8 @@ class StageSetup:
 
   @property
   def batch_fields(self) -> tuple[str, ...]:
-    """The batch fields the stage's train step takes: 'x' and the condition field."""
-    field = getattr(self.student, "cond_field", None)
-    return ("x",) if field is None else ("x", field)
+    """The batch fields the stage's train step takes: 'x' and the condition's fields."""
+    return ("x",) + tuple(getattr(self.student, "cond_fields", ()))
 
 
 def setup_stage(config, workdir: str, stage: Stage, mesh, *,

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 
 from gdistill import autoencoding, conditioning, config_lib, data, dashboard, lineage, losses
-from gdistill import optim, preemption, previews, sharding
+from gdistill import inpainting, optim, preemption, previews, sharding
 from gdistill import checkpoint as ckpt_lib
 from gdistill.plan import Stage
 from gdistill.stage_setup import (StageSetup, data_shape, example_shape, export_dir,  # noqa: F401
@@ -107,29 +107,50 @@ def make_train_step(loss_fn: Callable, s: StageSetup, section, mesh):
                  donate_argnums=(0,))
 
 
-def batch_finisher(mesh, fields: tuple[str, ...] = ("x", "label"),
-                   latents=None) -> Callable[[dict], dict]:
-  """global batch -> the batch the train step takes (its `fields`): data.finish_batch jitted
-  with the batch sharding for uint8 batches (config.data.normalize_on_device); float batches
-  (points, a latent model's encoded images) pass through untouched (and compile nothing).
+def batch_finisher(mesh, fields: tuple[str, ...] = ("x", "label"), latents=None,
+                   masks=None) -> Callable[..., dict]:
+  """global batch (, step) -> the batch the train step takes (its `fields`): data.finish_batch
+  jitted with the batch sharding for uint8 batches (config.data.normalize_on_device); float
+  batches (points, a latent model's encoded images) pass through untouched (and compile
+  nothing).
   latents (an autoencoding.Latents): the batch holds images that this step encodes on the
-  devices (a latent model on image-caption files, which are not encoded ahead)."""
+  devices (a latent model on image-caption files, which are not encoded ahead, or an
+  inpainting model, whose masked images are encoded too).
+  masks = (probabilities of inpainting.KINDS, seed): an inpainting model's batch gains the
+  field 'inpaint' (gdistill/inpainting.py) from random masks drawn on the devices from
+  (seed, step), the same on every process and on resume.
+  """
   keep = set(fields) | {"flip"}
+  keep.discard(inpainting.FIELD)
   select = lambda batch: batch if set(batch) <= keep else {k: v for k, v in batch.items()
                                                            if k in keep}
-  if latents is not None:
-    def finish_and_encode(params, batch):
-      out = data.finish_batch(batch)
-      out["x"] = latents.encode(params, out["x"])
-      return out
-    encode = jax.jit(finish_and_encode, out_shardings=sharding.batch_sharding(mesh))
-    return lambda batch: encode(latents.params, select(batch))
-  finish = jax.jit(data.finish_batch, out_shardings=sharding.batch_sharding(mesh))
+  if latents is None and masks is None:
+    finish = jax.jit(data.finish_batch, out_shardings=sharding.batch_sharding(mesh))
 
-  def run(batch):
-    batch = select(batch)
-    return finish(batch) if data.needs_finish(batch) else batch
-  return run
+    def run(batch, step: int = 0):
+      del step
+      batch = select(batch)
+      return finish(batch) if data.needs_finish(batch) else batch
+    return run
+  probs = None if masks is None else jnp.asarray(masks[0], jnp.float32)
+  mask_key = None if masks is None else jax.random.fold_in(jax.random.key(int(masks[1])),
+                                                           inpainting.MASK_SALT)
+  encode = None if latents is None else latents.encode
+
+  def finish_more(params, batch, step):
+    out = data.finish_batch(batch)
+    x = out["x"]
+    if probs is not None:
+      b, h, w = x.shape[:3]
+      m = inpainting.random_masks(jax.random.fold_in(mask_key, step), b, h, w, probs)
+      out[inpainting.FIELD] = inpainting.condition(
+          x, m, None if encode is None else (lambda im: encode(params, im)))
+    if encode is not None:
+      out["x"] = encode(params, x)
+    return out
+  fn = jax.jit(finish_more, out_shardings=sharding.batch_sharding(mesh))
+  params = None if latents is None else latents.params
+  return lambda batch, step=0: fn(params, select(batch), np.int32(step))
 
 
 def step_scalars(mesh, student_steps: int, seed: int) -> dict:
@@ -249,9 +270,12 @@ def run_stage(config, workdir: str, stage: Stage, mesh, programs: Optional[dict]
 
   step = start
   # A latent model trains on latents: an embedded dataset's split is encoded once (cached in
-  # the workdir); image-caption files are encoded batch by batch on the devices.
-  streamed = latents is not None and data.streams_images(config.data)
-  finish = batch_finisher(mesh, s.batch_fields, latents if streamed else None)
+  # the workdir); image-caption files, and an inpainting model's images (their masked copies
+  # are encoded too), batch by batch on the devices.
+  inpaint = getattr(s.student, "inpainting", False)
+  streamed = latents is not None and (data.streams_images(config.data) or inpaint)
+  masks = (inpainting.mask_probabilities(config.masks), seed) if inpaint else None
+  finish = batch_finisher(mesh, s.batch_fields, latents if streamed else None, masks)
   encoded = (None if latents is None or streamed else
              autoencoding.encode_split(latents, config, workdir, config.data.split))
   with data.make_loader(config.data, global_batch_size=int(section.batch_size), seed=seed,
@@ -262,7 +286,7 @@ def run_stage(config, workdir: str, stage: Stage, mesh, programs: Optional[dict]
     for step, local in loader:
       if step >= total:
         break
-      batch = finish(sharding.global_batch_from_local(local, mesh, int(section.batch_size)))
+      batch = finish(sharding.global_batch_from_local(local, mesh, int(section.batch_size)), step)
       batch.update(scalars)
       state, metrics = step_fn(state, s.teacher_params, batch)
       if pending is not None:

@@ -238,7 +238,7 @@ def test_a_latent_student_edits_and_inpaints_prompts(shapes_workdir, tmp_path):
   """Editing and inpainting of a latent text model: encoded, edited in latent space, decoded;
   a zero mask returns the input exactly, a full mask is sample() with the same rng; the
   latent mask is the pixel mask max-pooled (a latent repainted if any of its pixels is)."""
-  from gdistill import edit_modes, editing
+  from gdistill import edit_modes, inpainting
   from gdistill.data import shapes
   wd, c = shapes_workdir
   model = gdistill.load(wd, "progressive_1")
@@ -255,7 +255,7 @@ def test_a_latent_student_edits_and_inpaints_prompts(shapes_workdir, tmp_path):
       model.sample(prompts=prompts, w=3.0, rng=5))
   m = np.zeros((1, 32, 32, 1), np.float32)
   m[0, 5, 30] = 1  # one pixel: the latent (1, 7) of 4x4 pixels each
-  lm = editing.latent_mask(m, (8, 8))
+  lm = inpainting.pool_mask(m, (8, 8))
   assert lm.shape == (1, 8, 8, 1) and lm.sum() == 1 and lm[0, 1, 7, 0] == 1
   src = tmp_path / "in.npz"
   masks = zeros.copy()
