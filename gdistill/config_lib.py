@@ -177,8 +177,9 @@ def base_config():
   edit_common = dict(stage="latest", input="", prompts_file="", w=3.0, steps=0,
                      sampler="ddim", seed=0, batch_size=64, out="")
   c.edit = dict(edit_common, strength=0.6)
-  # paste_back: the output is the input exactly where the mask is 0.
-  c.inpaint = dict(edit_common, paste_back=True)
+  # paste_back: the output is the input exactly where the mask is 0. method: '' (the model
+  # itself for an inpainting model, else replacement), 'model' or 'replacement'.
+  c.inpaint = dict(edit_common, paste_back=True, method="")
   c.eval = dict(w=(0.0, 1.0, 2.0, 4.0), steps=(1, 2, 4, 8, 16), samplers=("ddim", "stochastic"),
                 teacher_samplers=("ddim",), num_samples=200, batch_size=500,
                 classifier_steps=600, seed=0, inception_weights="",

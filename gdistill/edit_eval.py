@@ -15,8 +15,10 @@ shapes (the attribute classifier, gdistill/metrics/attributes.py):
   fill      single-object test images, an empty cell (4 cells on from the object's) masked,
             the prompt naming a new object in that cell: success = the cell holds the named
             colour and shape; preservation = the original object is still found.
-  Inpainting is by replacement (Model.inpaint) with all N steps; `psnr_keep` is the PSNR of
-  the unmasked region before paste-back (how well the kept region is reproduced).
+  Inpainting runs all N steps (Model.inpaint): by replacement with any model, and for an
+  inpainting model (model.inpainting) also as the model itself (method 'model', its rows
+  first); `psnr_keep` is the PSNR of the unmasked region before paste-back (how well the kept
+  region is reproduced).
 digits (the evaluation's classifier):
   relabel   test digits edited to label (y + 1) mod 10 at each strength: success = classified
             as the new label.
@@ -189,10 +191,11 @@ def run(config, workdir: str, eval_dir: str, stages: list[str], say=print) -> di
                             nfe=nfe(start), success=float(ok.mean()),
                             preservation=float(keep.mean()), seconds=round(sec, 3),
                             n=len(ok)))
-      for task in ("remove", "fill"):
+      methods = ("model", "replacement") if model.inpainting else ("replacement",)
+      for task, method in [(t, m) for m in methods for t in ("remove", "fill")]:
         c = cases[task]
         x, sec = _timed(lambda: model.inpaint(c["images"], c["masks"], prompts=c["prompts"],
-                                              paste_back=False, **kw))
+                                              paste_back=False, method=method, **kw))
         psnr = _psnr_keep(x, c["images"], c["masks"])
         x = np.where(c["masks"][..., None] > 0, x, c["images"] / np.float32(127.5) - 1)
         p = predict(x)
@@ -203,8 +206,8 @@ def run(config, workdir: str, eval_dir: str, stages: list[str], say=print) -> di
         else:
           ok = _has(p, c["cell"], c["color"], c["shape"])
           keep = _has(p, c["old_cell"], c["old_color"], c["old_shape"])
-        results.append(dict(stage=stage, task=task, strength=None, steps=steps,
-                            nfe=nfe(steps), success=float(ok.mean()),
+        results.append(dict(stage=stage, task=task, method=method, strength=None,
+                            steps=steps, nfe=nfe(steps), success=float(ok.mean()),
                             preservation=float(keep.mean()), psnr_keep=round(psnr, 2),
                             seconds=round(sec, 3), n=len(ok)))
     else:
@@ -222,17 +225,21 @@ def run(config, workdir: str, eval_dir: str, stages: list[str], say=print) -> di
                             preservation=None, seconds=round(sec, 3), n=len(labels)))
       masks = np.zeros(imgs.shape[:3], np.uint8)
       masks[:, imgs.shape[1] // 2:] = 1
-      x, sec = _timed(lambda: model.inpaint(imgs, masks, labels=labels, **kw))
-      results.append(dict(stage=stage, task="complete", strength=None, steps=steps,
-                          nfe=nfe(steps), success=float(np.mean(classify(x) == labels)),
-                          preservation=None, seconds=round(sec, 3), n=len(labels)))
-    for r in results[-(len(e.edit_strengths) + (2 if config.data.name == "shapes" else 1)):]:
+      methods = ("model", "replacement") if model.inpainting else ("replacement",)
+      for method in methods:
+        x, sec = _timed(lambda: model.inpaint(imgs, masks, labels=labels, method=method, **kw))
+        results.append(dict(stage=stage, task="complete", method=method, strength=None,
+                            steps=steps, nfe=nfe(steps),
+                            success=float(np.mean(classify(x) == labels)),
+                            preservation=None, seconds=round(sec, 3), n=len(labels)))
+    for r in [r for r in results if r["stage"] == stage]:
       if r["success"] is None:
         say(f"edits {r['stage']} {r['task']} strength {r['strength']:g}: floor(N s) = 0 of "
             f"its {steps} steps, skipped")
         continue
       say(f"edits {r['stage']} {r['task']}"
           + (f" strength {r['strength']:g}" if r["strength"] is not None else "")
+          + (f" by {r['method']}" if "method" in r else "")
           + f" ({r['nfe']} NFE, w={w:g}): success {r['success']:.3f}"
           + (f", preservation {r['preservation']:.3f}" if r["preservation"] is not None else "")
           + (f", PSNR kept {r['psnr_keep']:.1f} dB" if "psnr_keep" in r else "")
@@ -248,15 +255,16 @@ def run(config, workdir: str, eval_dir: str, stages: list[str], say=print) -> di
 def markdown(out: dict) -> str:
   lines = [f"Editing and inpainting at w = {out['w']:g} (gdistill/edit_eval.py; NFE per "
            "image, seconds for all images of the row)", "",
-           "| stage | task | strength | NFE | success | preservation | PSNR kept (dB) | s |",
-           "|---|---|---|---|---|---|---|---|"]
+           "| stage | task | method | strength | NFE | success | preservation | PSNR kept (dB) "
+           "| s |", "|---|---|---|---|---|---|---|---|---|"]
   f = lambda v, fmt: "-" if v is None else format(v, fmt)
   for r in out["rows"]:
     if r["success"] is None:
-      lines.append(f"| {r['stage']} | {r['task']} | {f(r['strength'], 'g')} | 0 | "
+      lines.append(f"| {r['stage']} | {r['task']} | - | {f(r['strength'], 'g')} | 0 | "
                    f"{r['note']} | | | |")
       continue
-    lines.append(f"| {r['stage']} | {r['task']} | {f(r['strength'], 'g')} | {r['nfe']} | "
+    lines.append(f"| {r['stage']} | {r['task']} | {r.get('method', '-')} | "
+                 f"{f(r['strength'], 'g')} | {r['nfe']} | "
                  f"{r['success']:.3f} | {f(r['preservation'], '.3f')} | "
                  f"{f(r.get('psnr_keep'), '.1f')} | {r['seconds']:.2f} |")
   return "\n".join(lines) + "\n"

@@ -74,6 +74,7 @@ def _run(config, workdir: str, key: str) -> dict:
   try:
     start = steps if inpaint else sampling.edit_start(steps, float(s.strength))
     model.spec(s.sampler)
+    method = editing.check_method(model, s.method or None) if inpaint else None
   except ValueError as e:
     raise config_lib.ConfigError(f"config.{key}: {e}") from None
   call = dict(w=float(s.w), steps=steps, sampler=s.sampler, rng=int(s.seed),
@@ -81,7 +82,8 @@ def _run(config, workdir: str, key: str) -> dict:
   t0 = time.perf_counter()
   try:
     if inpaint:
-      out = model.inpaint(x, arrays["masks"], paste_back=bool(s.paste_back), **call)
+      out = model.inpaint(x, arrays["masks"], paste_back=bool(s.paste_back), method=method,
+                          **call)
     else:
       out = model.edit(x, strength=float(s.strength), **call)
   except ValueError as e:
@@ -92,7 +94,9 @@ def _run(config, workdir: str, key: str) -> dict:
   nfe = editing.nfe(model, steps, start)
   info = {"stage": model.stage, "w": float(s.w), "steps": steps, "start": start, "nfe": nfe,
           "num_images": len(x), "seconds": round(seconds, 4), "out": path, "png": png}
-  if not inpaint:
+  if inpaint:
+    info["method"] = method
+  else:
     info["strength"] = float(s.strength)
   if jax.process_index() != 0:
     return info
@@ -111,7 +115,7 @@ def _run(config, workdir: str, key: str) -> dict:
   k = min(len(x), 16)
   grid = dashboard.image_grid(np.concatenate([before[:k], images[:k]]), 2)
   dashboard.save_png(png, grid, scale=4 if grid.shape[0] < 200 else 1)
-  what = ("inpaint" if inpaint else f"edit strength {float(s.strength):g} ({start} of "
+  what = (f"inpaint ({method})" if inpaint else f"edit strength {float(s.strength):g} ({start} of "
           f"{steps} steps)")
   print(f"[{key}] {model.stage} {what}, w={float(s.w):g}: {len(x)} images, {nfe} NFE each, "
         f"{seconds:.2f} s -> {path}, {png} (top: inputs, bottom: outputs)", flush=True)

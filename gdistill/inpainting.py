@@ -93,7 +93,7 @@ def random_masks(rng, b: int, h: int, w: int, probs) -> jnp.ndarray:
   x0 = jax.random.uniform(jax.random.fold_in(ks[2], 1), (b,)) * (w - bw)
   box = ((yy >= col(y0)) & (yy < col(y0 + bh)) & (xx >= col(x0)) & (xx < col(x0 + bw)))
   # stroke: distance of each pixel to two segments p0-p1, p1-p2
-  pts = jax.random.uniform(ks[3], (b, 3, 2)) * jnp.asarray([h, w], jnp.float32)
+  pts = jax.random.uniform(ks[3], (b, 3, 2)) * jnp.asarray([h, w], jnp.float32)[None, None]
   radius = _uniform(ks[4], b, h / 16, h / 8)
 
   def seg_dist(p, q):

@@ -57,9 +57,10 @@ def _template(model, *args, method=None):
   return flax.linen.meta.unbox(jax.eval_shape(init)["params"])
 
 
-def _dummy_unet(time_cond_proj_dim):
+def _dummy_unet(time_cond_proj_dim, in_channels=4):
   from diffusers import UNet2DConditionModel as Ref
-  return Ref(block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4,
+  return Ref(block_out_channels=(32, 64), layers_per_block=2, sample_size=32,
+             in_channels=in_channels,
              out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
              up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
              time_cond_proj_dim=time_cond_proj_dim, norm_num_groups=2)
@@ -269,10 +270,12 @@ def test_unsupported_schedulers_are_refused_by_name():
 
 
 # ------------------------------------------------------------ a whole diffusers directory
-def _tiny_sd(directory, bpe_dir, prediction_type="epsilon"):
+def _tiny_sd(directory, bpe_dir, prediction_type="epsilon", inpainting=False):
   """diffusers' dummy StableDiffusionPipeline components (random weights) and the tiny BPE
-  tokenizer, saved with save_pretrained: what a user's SD directory looks like."""
+  tokenizer, saved with save_pretrained: what a user's SD directory looks like (inpainting:
+  a StableDiffusionInpaintPipeline, its U-Net taking 9 channels)."""
   from diffusers import AutoencoderKL as RefVAE, DDIMScheduler, StableDiffusionPipeline
+  from diffusers import StableDiffusionInpaintPipeline
   from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer as RefTok
   tok = RefTok.from_pretrained(str(bpe_dir))
   text = _randomize(CLIPTextModel(CLIPTextConfig(
@@ -286,7 +289,8 @@ def _tiny_sd(directory, bpe_dir, prediction_type="epsilon"):
   sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                         clip_sample=False, set_alpha_to_one=False, steps_offset=1,
                         prediction_type=prediction_type)
-  pipe = StableDiffusionPipeline(unet=_randomize(_dummy_unet(None), 5), vae=vae,
+  cls = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
+  pipe = cls(unet=_randomize(_dummy_unet(None, 9 if inpainting else 4), 5), vae=vae,
                                  text_encoder=text, tokenizer=tok, scheduler=sched,
                                  safety_checker=None, feature_extractor=None,
                                  requires_safety_checker=False)
@@ -355,14 +359,14 @@ def test_unsupported_checkpoints_are_refused_naming_what_is_missing(tmp_path, ti
   del index["text_encoder_2"]
   (tmp_path / "sd" / "model_index.json").write_text(json.dumps(index))
   unet = json.loads((tmp_path / "sd" / "unet" / "config.json").read_text())
-  unet.update(in_channels=9, resnet_time_scale_shift="scale_shift")
+  unet.update(in_channels=7, resnet_time_scale_shift="scale_shift")
   (tmp_path / "sd" / "unet" / "config.json").write_text(json.dumps(unet))
   os.rename(tmp_path / "sd" / "vae" / "diffusion_pytorch_model.safetensors",
             tmp_path / "sd" / "vae" / "diffusion_pytorch_model.bin")
   with pytest.raises(diffusers_io.UnsupportedCheckpointError) as e:
     diffusers_io.read(str(tmp_path / "sd"))
   text = str(e.value)
-  assert "in_channels=9" in text and "resnet_time_scale_shift='scale_shift'" in text
+  assert "in_channels=7" in text and "resnet_time_scale_shift='scale_shift'" in text
   assert "vae/diffusion_pytorch_model.safetensors is missing (only .bin pickle" in text
   with pytest.raises(FileNotFoundError, match="model_index.json is missing"):
     diffusers_io.read(str(tmp_path / "nothing"))
@@ -413,6 +417,73 @@ def test_an_exported_student_samples_the_same_images_in_diffusers(tmp_path, tiny
   assert theirs.shape == ours.shape
   err = np.abs(ours - theirs).max()
   print(f"round trip: max abs error {err:.2e} in [0, 1] pixels")
+  assert err <= 1e-3, err
+
+
+def test_an_inpainting_checkpoint_round_trips_through_diffusers_inpaint_pipeline(tmp_path,
+                                                                                 tiny_bpe):
+  """A Stable Diffusion inpainting directory (U-Net in_channels 9: latents 4, mask 1, masked
+  image latents 4) loads as a gdistill inpainting model (model.inpainting); a w-conditioned
+  student of it (random nonzero w-embedding) written back is a StableDiffusionInpaintPipeline
+  whose inpainting of the same images, masks, prompts and initial latents (guidance_scale =
+  1 + w, strength 1, masked-image latents passed in: diffusers would otherwise draw a
+  posterior sample where gdistill takes the mean) equals gdistill's (<= 1e-3 in [0, 1])."""
+  from diffusers import StableDiffusionInpaintPipeline
+  from gdistill import diffusers_io, inpainting, sampling
+  from gdistill.denoiser import student_params_from_teacher
+  _tiny_sd(tmp_path / "sd", tiny_bpe, inpainting=True)
+  found = diffusers_io.read(str(tmp_path / "sd"))
+  assert found.model["inpainting"] and found.model["channels"] == 4
+  teacher, config = _gdistill_denoiser(found)
+  assert teacher.inpainting and config.model.inpainting
+  params, vae_model, vae = _load(found, teacher, config)
+  assert params["unet"]["conv_in"]["kernel"].shape[2] == 9
+  student, _ = _gdistill_denoiser(found, w_embedding=True)
+  sparams = flax.linen.meta.unbox(student.init_abstract((16, 16, 4)))
+  sparams = student_params_from_teacher(
+      params, jax.tree.map(lambda s: np.zeros(s.shape, np.float32), sparams))
+  cond_proj = sparams["unet"]["time_embedding"]["cond_proj"]
+  cond_proj["kernel"] = np.random.RandomState(5).randn(
+      *cond_proj["kernel"].shape).astype(np.float32) * 0.05
+  out = tmp_path / "student"
+  diffusers_io.write(str(out), model=config.model.to_dict(), text=config.text.to_dict(),
+                     vae=config.vae.to_dict(), unet_params=sparams["unet"],
+                     text_params=sparams["text_encoder"], vae_params=vae,
+                     scaling_factor=found.scaling_factor, tokenizer=found.tokenizer,
+                     schedule=found.schedule, parametrization=found.parametrization,
+                     time_cond_proj_dim=int(config.model.time_cond_proj_dim))
+  index = json.loads((out / "model_index.json").read_text())
+  assert index["_class_name"] == "StableDiffusionInpaintPipeline"
+  pipe = StableDiffusionInpaintPipeline.from_pretrained(str(out))
+  assert pipe.unet.config.in_channels == 9
+  rng = np.random.RandomState(7)
+  images = rng.rand(2, 32, 32, 3).astype(np.float32)
+  masks = np.zeros((2, 32, 32, 1), np.float32)   # 2x2-pixel blocks: whole latents (f = 2)
+  masks[0, 4:20, 8:24] = 1
+  masks[1, :, 16:] = 1
+  prompts, w, n = ["a red circle", "the square"], 2.0, 4
+  z1 = rng.randn(2, 16, 16, 4).astype(np.float32)
+  encode = lambda x: found.scaling_factor * vae_model.apply(
+      {"params": vae}, x, method=vae_model.encode)[0]
+  block = inpainting.condition(jnp.asarray(images * 2 - 1), jnp.asarray(masks), encode)
+  ids = jnp.asarray(found.tokenizer.encode(prompts))
+  cond = student.encode_cond(sparams, {"c": ids, "inpaint": block})
+  spec = sampling.SamplerSpec(schedule=found.schedule, clip=None)
+  latents = sampling.sample_loop(
+      sampling._x_fn(student, spec, sparams, cond, jnp.full((2,), w)), jnp.asarray(z1), n,
+      jax.random.key(0), kind="ddim", schedule=found.schedule)
+  ours = vae_model.apply({"params": vae}, latents / found.scaling_factor,
+                         method=vae_model.decode)
+  ours = (np.clip(np.asarray(ours), -1, 1) + 1) / 2
+  nchw = lambda a: torch.from_numpy(np.array(a, np.float32)).permute(0, 3, 1, 2)
+  with torch.no_grad():
+    theirs = pipe(prompts, image=nchw(images), mask_image=nchw(masks),
+                  masked_image_latents=nchw(block[..., 1:]), height=32, width=32,
+                  strength=1.0, guidance_scale=1 + w, num_inference_steps=n,
+                  latents=nchw(z1), output_type="np").images
+  assert theirs.shape == ours.shape
+  err = np.abs(ours - theirs).max()
+  print(f"inpainting round trip: max abs error {err:.2e} in [0, 1] pixels")
   assert err <= 1e-3, err
 
 
