@@ -158,7 +158,8 @@ class Model:
             x, m, lambda im: self.latents.encode(p, im)))
       self._blocks["block"] = fn
     params = None if self.latents is None else self.latents.params
-    sh = sharding.batch_sharding(self.mesh)
+    sh = (sharding.batch_sharding(self.mesh) if len(x) % self.mesh.devices.size == 0
+          else sharding.replicated(self.mesh))
     return self._blocks["block"](params, jax.device_put(np.asarray(x, np.float32), sh),
                                  jax.device_put(np.asarray(masks, np.float32), sh))
 

@@ -22,7 +22,8 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 # The longest files first: with one file per worker at a time (--dist loadfile), a long file
 # that starts last decides the wall-clock time.
-LONGEST_FIRST = ("test_cli.py", "test_text_to_image.py", "test_distill.py")
+LONGEST_FIRST = ("test_cli.py", "test_text_to_image.py", "test_diffusers_checkpoints.py",
+                 "test_inpainting.py", "test_distill.py")
 
 
 def pytest_collection_modifyitems(items):

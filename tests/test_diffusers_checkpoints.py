@@ -372,16 +372,12 @@ def test_unsupported_checkpoints_are_refused_naming_what_is_missing(tmp_path, ti
     diffusers_io.read(str(tmp_path / "nothing"))
 
 
-def test_an_exported_student_samples_the_same_images_in_diffusers(tmp_path, tiny_bpe):
-  """Round trip: a w-conditioned student (the imported teacher plus a random, nonzero
-  w-embedding) written as a diffusers directory, sampled by StableDiffusionPipeline with
-  guidance_scale = 1 + w and num_inference_steps = N from the same initial latents, gives
-  gdistill's images (max abs error <= 1e-3 in [0, 1] pixels)."""
-  from diffusers import StableDiffusionPipeline
-  from gdistill import diffusers_io, sampling
+def _student_written_back(found, tmp_path):
+  """A w-conditioned student of an imported checkpoint (its teacher's weights plus a random,
+  nonzero w-embedding) written as a diffusers directory: (student, params, config, VAE
+  module, VAE params, the directory)."""
+  from gdistill import diffusers_io
   from gdistill.denoiser import student_params_from_teacher
-  _tiny_sd(tmp_path / "sd", tiny_bpe)
-  found = diffusers_io.read(str(tmp_path / "sd"))
   teacher, config = _gdistill_denoiser(found)
   params, vae_model, vae = _load(found, teacher, config)
   student, _ = _gdistill_denoiser(found, w_embedding=True)
@@ -398,19 +394,38 @@ def test_an_exported_student_samples_the_same_images_in_diffusers(tmp_path, tiny
                      scaling_factor=found.scaling_factor, tokenizer=found.tokenizer,
                      schedule=found.schedule, parametrization=found.parametrization,
                      time_cond_proj_dim=int(config.model.time_cond_proj_dim))
+  return student, sparams, config, vae_model, vae, out
+
+
+def _student_images(found, student, sparams, vae_model, vae, cond_input, w, z1, n):
+  """gdistill's N-step DDIM from z1, decoded, in [0, 1] (what diffusers' pipelines return)."""
+  from gdistill import sampling
+  spec = sampling.SamplerSpec(schedule=found.schedule, clip=None)
+  cond = student.encode_cond(sparams, cond_input)
+  latents = sampling.sample_loop(
+      sampling._x_fn(student, spec, sparams, cond, jnp.full((len(z1),), w)), jnp.asarray(z1),
+      n, jax.random.key(0), kind="ddim", schedule=found.schedule)
+  ours = vae_model.apply({"params": vae}, latents / found.scaling_factor,
+                         method=vae_model.decode)
+  return (np.clip(np.asarray(ours), -1, 1) + 1) / 2
+
+
+def test_an_exported_student_samples_the_same_images_in_diffusers(tmp_path, tiny_bpe):
+  """Round trip: a w-conditioned student (the imported teacher plus a random, nonzero
+  w-embedding) written as a diffusers directory, sampled by StableDiffusionPipeline with
+  guidance_scale = 1 + w and num_inference_steps = N from the same initial latents, gives
+  gdistill's images (max abs error <= 1e-3 in [0, 1] pixels)."""
+  from diffusers import StableDiffusionPipeline
+  from gdistill import diffusers_io, sampling
+  _tiny_sd(tmp_path / "sd", tiny_bpe)
+  found = diffusers_io.read(str(tmp_path / "sd"))
+  student, sparams, config, vae_model, vae, out = _student_written_back(found, tmp_path)
   pipe = StableDiffusionPipeline.from_pretrained(str(out))
   assert pipe.unet.config.time_cond_proj_dim == int(config.model.time_cond_proj_dim)
   prompts, w, n = ["a red circle", "the square"], 3.0, 4
   z1 = np.random.RandomState(6).randn(2, 16, 16, 4).astype(np.float32)
   ids = jnp.asarray(found.tokenizer.encode(prompts))
-  spec = sampling.SamplerSpec(schedule=found.schedule, clip=None)
-  cond = student.encode_cond(sparams, ids)
-  latents = sampling.sample_loop(
-      sampling._x_fn(student, spec, sparams, cond, jnp.full((2,), w)), jnp.asarray(z1), n,
-      jax.random.key(0), kind="ddim", schedule=found.schedule)
-  ours = vae_model.apply({"params": vae}, latents / found.scaling_factor,
-                         method=vae_model.decode)
-  ours = (np.clip(np.asarray(ours), -1, 1) + 1) / 2
+  ours = _student_images(found, student, sparams, vae_model, vae, ids, w, z1, n)
   with torch.no_grad():
     theirs = pipe(prompts, guidance_scale=1 + w, num_inference_steps=n,
                   latents=torch.from_numpy(z1).permute(0, 3, 1, 2), output_type="np").images
@@ -430,28 +445,13 @@ def test_an_inpainting_checkpoint_round_trips_through_diffusers_inpaint_pipeline
   posterior sample where gdistill takes the mean) equals gdistill's (<= 1e-3 in [0, 1])."""
   from diffusers import StableDiffusionInpaintPipeline
   from gdistill import diffusers_io, inpainting, sampling
-  from gdistill.denoiser import student_params_from_teacher
   _tiny_sd(tmp_path / "sd", tiny_bpe, inpainting=True)
   found = diffusers_io.read(str(tmp_path / "sd"))
   assert found.model["inpainting"] and found.model["channels"] == 4
   teacher, config = _gdistill_denoiser(found)
   assert teacher.inpainting and config.model.inpainting
-  params, vae_model, vae = _load(found, teacher, config)
-  assert params["unet"]["conv_in"]["kernel"].shape[2] == 9
-  student, _ = _gdistill_denoiser(found, w_embedding=True)
-  sparams = flax.linen.meta.unbox(student.init_abstract((16, 16, 4)))
-  sparams = student_params_from_teacher(
-      params, jax.tree.map(lambda s: np.zeros(s.shape, np.float32), sparams))
-  cond_proj = sparams["unet"]["time_embedding"]["cond_proj"]
-  cond_proj["kernel"] = np.random.RandomState(5).randn(
-      *cond_proj["kernel"].shape).astype(np.float32) * 0.05
-  out = tmp_path / "student"
-  diffusers_io.write(str(out), model=config.model.to_dict(), text=config.text.to_dict(),
-                     vae=config.vae.to_dict(), unet_params=sparams["unet"],
-                     text_params=sparams["text_encoder"], vae_params=vae,
-                     scaling_factor=found.scaling_factor, tokenizer=found.tokenizer,
-                     schedule=found.schedule, parametrization=found.parametrization,
-                     time_cond_proj_dim=int(config.model.time_cond_proj_dim))
+  student, sparams, config, vae_model, vae, out = _student_written_back(found, tmp_path)
+  assert sparams["unet"]["conv_in"]["kernel"].shape[2] == 9
   index = json.loads((out / "model_index.json").read_text())
   assert index["_class_name"] == "StableDiffusionInpaintPipeline"
   pipe = StableDiffusionInpaintPipeline.from_pretrained(str(out))
@@ -467,14 +467,8 @@ def test_an_inpainting_checkpoint_round_trips_through_diffusers_inpaint_pipeline
       {"params": vae}, x, method=vae_model.encode)[0]
   block = inpainting.condition(jnp.asarray(images * 2 - 1), jnp.asarray(masks), encode)
   ids = jnp.asarray(found.tokenizer.encode(prompts))
-  cond = student.encode_cond(sparams, {"c": ids, "inpaint": block})
-  spec = sampling.SamplerSpec(schedule=found.schedule, clip=None)
-  latents = sampling.sample_loop(
-      sampling._x_fn(student, spec, sparams, cond, jnp.full((2,), w)), jnp.asarray(z1), n,
-      jax.random.key(0), kind="ddim", schedule=found.schedule)
-  ours = vae_model.apply({"params": vae}, latents / found.scaling_factor,
-                         method=vae_model.decode)
-  ours = (np.clip(np.asarray(ours), -1, 1) + 1) / 2
+  ours = _student_images(found, student, sparams, vae_model, vae,
+                         {"c": ids, "inpaint": block}, w, z1, n)
   nchw = lambda a: torch.from_numpy(np.array(a, np.float32)).permute(0, 3, 1, 2)
   with torch.no_grad():
     theirs = pipe(prompts, image=nchw(images), mask_image=nchw(masks),

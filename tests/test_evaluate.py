@@ -223,7 +223,7 @@ def test_evaluate_writes_the_table_plots_and_tensorboard(workdir):
   assert ("progressive_1", "relabel", 0.4, 0) in got  # skipped: floor(1 x 0.4) = 0
   for r in edits["rows"]:
     assert r["success"] is None or 0 <= r["success"] <= 1
-  assert "| teacher | complete | - |" in open(os.path.join(edir, "edits.md")).read()
+  assert "| teacher | complete | replacement | - |" in open(os.path.join(edir, "edits.md")).read()
   # The classifier and reference statistics are cached: the next evaluation reuses them.
   cached = [os.path.join(edir, n) for n in ("classifier.npz", "reference_stats.npz")]
   mtimes = [os.path.getmtime(p) for p in cached]

@@ -151,7 +151,6 @@ def test_the_inpainting_chain_end_to_end(inpaint_workdir, tmp_path):
   inpainting model; the student inpaints from the mask and masked image alone (a zero mask
   returns the input exactly, a full mask is its text-to-image sample bit for bit), by
   replacement too; --mode=inpaint uses the model; the evaluation has both methods' rows."""
-  from gdistill import edit_modes
   from gdistill.data import shapes
   wd, c = inpaint_workdir
   for stage in ("teacher", "guided", "progressive_1"):
@@ -162,13 +161,8 @@ def test_the_inpainting_chain_end_to_end(inpaint_workdir, tmp_path):
   assert model.params["unet"]["conv_in"]["kernel"].shape[2] == 9
   d = shapes.generate(4, seed=9)
   prompts = ["a blue circle in the top left"] * 4
+  util.assert_zero_and_full_masks(model, d["image"], prompts)
   zeros = np.zeros((4, 32, 32), np.uint8)
-  np.testing.assert_array_equal(model.inpaint(d["image"], zeros, prompts=prompts, w=3.0),
-                                d["image"] / np.float32(127.5) - np.float32(1.0))
-  ones = np.ones((4, 32, 32), np.uint8)
-  np.testing.assert_array_equal(
-      model.inpaint(d["image"], ones, prompts=prompts, w=3.0, rng=5, paste_back=False),
-      model.sample(prompts=prompts, w=3.0, rng=5))
   masks = zeros.copy()
   masks[:, :16, :16] = 1
   by_model = model.inpaint(d["image"], masks, prompts=prompts, w=3.0, paste_back=False)
@@ -176,19 +170,35 @@ def test_the_inpainting_chain_end_to_end(inpaint_workdir, tmp_path):
                           method="replacement")
   assert by_model.shape == by_repl.shape == (4, 32, 32, 3)
   assert np.abs(by_model - by_repl).max() > 1e-3
-  src = tmp_path / "in.npz"
-  np.savez(src, images=d["image"], masks=masks)
-  (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
-  cc = c.copy_and_resolve_references()
-  cc.inpaint.update(dict(input=str(src), prompts_file=str(tmp_path / "p.txt"),
-                         out=str(tmp_path / "o.npz")))
-  info = edit_modes.inpaint_to_file(cc, wd)
+  info, _, out = util.inpaint_cli(c, wd, tmp_path, d["image"], masks, prompts)
   assert info["method"] == "model" and info["nfe"] == 1
-  with np.load(tmp_path / "o.npz") as f:
-    np.testing.assert_array_equal(f["images"][:, 16:], d["image"][:, 16:])
+  np.testing.assert_array_equal(out["images"][:, 16:], d["image"][:, 16:])
   with open(os.path.join(wd, "eval", "edits.json")) as f:
     rows = json.load(f)["rows"]
   got = {(r["stage"], r["task"], r.get("method")) for r in rows}
   for stage in ("teacher", "progressive_1"):
     for task in ("remove", "fill"):
       assert {(stage, task, "model"), (stage, task, "replacement")} <= got
+
+
+def test_an_exported_inpainting_student_inpaints_alike_in_diffusers(inpaint_workdir, tmp_path):
+  """python -m gdistill.export of the chain's student writes a StableDiffusionInpaintPipeline
+  (U-Net in_channels 9) that inpaints as gdistill does (<= 1e-3)."""
+  from gdistill import export
+  from gdistill.data import shapes
+  wd, _ = inpaint_workdir
+  out = str(tmp_path / "diffusers")
+  assert export.main(["--workdir", wd, "--stage", "progressive_1", "--out", out]) == 0
+  with open(os.path.join(out, "model_index.json")) as f:
+    assert json.load(f)["_class_name"] == "StableDiffusionInpaintPipeline"
+  with open(os.path.join(out, "unet", "config.json")) as f:
+    assert json.load(f)["in_channels"] == 9
+  d = shapes.generate(2, seed=3)
+  masks = np.zeros((2, 32, 32, 1), np.float32)   # whole 4x4-pixel latents (f = 4)
+  masks[0, 8:20, 4:16] = 1
+  masks[1, :, 16:] = 1
+  util.assert_diffusers_samples_like_gdistill(
+      out, gdistill.load(wd, "progressive_1"), ["a red circle in the top left",
+                                                "small blue square, bottom"], w=3.0,
+      images=d["image"], masks=masks)
+

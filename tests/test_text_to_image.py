@@ -246,30 +246,18 @@ def test_a_latent_student_edits_and_inpaints_prompts(shapes_workdir, tmp_path):
   prompts = ["a blue circle in the top left"] * 4
   edited = model.edit(d["image"], prompts=prompts, strength=1.0, w=3.0, rng=0)
   assert edited.shape == (4, 32, 32, 3) and np.abs(edited).max() <= 1.0
+  util.assert_zero_and_full_masks(model, d["image"], prompts)
   zeros = np.zeros((4, 32, 32), np.uint8)
-  np.testing.assert_array_equal(model.inpaint(d["image"], zeros, prompts=prompts, w=3.0),
-                                d["image"] / np.float32(127.5) - np.float32(1.0))
-  ones = np.ones((4, 32, 32), np.uint8)
-  np.testing.assert_array_equal(
-      model.inpaint(d["image"], ones, prompts=prompts, w=3.0, rng=5, paste_back=False),
-      model.sample(prompts=prompts, w=3.0, rng=5))
   m = np.zeros((1, 32, 32, 1), np.float32)
   m[0, 5, 30] = 1  # one pixel: the latent (1, 7) of 4x4 pixels each
   lm = inpainting.pool_mask(m, (8, 8))
   assert lm.shape == (1, 8, 8, 1) and lm.sum() == 1 and lm[0, 1, 7, 0] == 1
-  src = tmp_path / "in.npz"
   masks = zeros.copy()
   masks[:, :16, :16] = 1
-  np.savez(src, images=d["image"], masks=masks)
-  (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
-  c = c.copy_and_resolve_references()
-  c.inpaint.update(dict(input=str(src), prompts_file=str(tmp_path / "p.txt"),
-                        out=str(tmp_path / "o.npz")))
-  info = edit_modes.inpaint_to_file(c, wd)
-  assert info["nfe"] == 1
-  with np.load(tmp_path / "o.npz") as f:
-    np.testing.assert_array_equal(f["images"][:, 16:], d["image"][:, 16:])
-    assert list(f["prompts"]) == prompts
+  info, c, out = util.inpaint_cli(c, wd, tmp_path, d["image"], masks, prompts)
+  assert info["nfe"] == 1 and info["method"] == "replacement"
+  np.testing.assert_array_equal(out["images"][:, 16:], d["image"][:, 16:])
+  assert list(out["prompts"]) == prompts
   (tmp_path / "p.txt").write_text("one prompt\n")
   with pytest.raises(edit_modes.config_lib.ConfigError, match="holds 1 prompts for 4 images"):
     edit_modes.inpaint_to_file(c, wd)

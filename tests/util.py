@@ -141,20 +141,34 @@ def write_untrained_workdir(c, workdir: str) -> None:
     parent = meta
 
 
-def assert_diffusers_samples_like_gdistill(directory, model, prompts, w):
+def assert_diffusers_samples_like_gdistill(directory, model, prompts, w, images=None,
+                                           masks=None):
   """StableDiffusionPipeline.from_pretrained(directory) with guidance_scale = 1 + w and
   num_inference_steps = N from the same initial latents gives the gdistill Model's images
-  (max abs error <= 1e-3 in [0, 1] pixels)."""
+  (max abs error <= 1e-3 in [0, 1] pixels). With images (uint8) and masks (float [n, H, W, 1]
+  of whole f x f blocks): StableDiffusionInpaintPipeline against the inpainting model, given
+  gdistill's masked-image latents (diffusers would draw a posterior sample there)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
   import torch
-  from diffusers import StableDiffusionPipeline
+  from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
   from gdistill import sampling
-  pipe = StableDiffusionPipeline.from_pretrained(directory)
   n = model.default_steps
   z1 = np.random.RandomState(8).randn(len(prompts), *model.example_shape).astype(np.float32)
-  cond = model.denoiser.encode_cond(model.params, jnp.asarray(model.conditions(prompts=prompts)))
+  cond_input = jnp.asarray(model.conditions(prompts=prompts))
+  kw = {}
+  nchw = lambda a: torch.from_numpy(np.array(a, np.float32)).permute(0, 3, 1, 2)
+  if masks is not None:
+    x = images / np.float32(127.5) - 1
+    block = model.inpaint_condition(x, masks)
+    cond_input = {"c": cond_input, "inpaint": block}
+    h, w_px = images.shape[1:3]
+    kw = dict(image=nchw(images / 255.0), mask_image=nchw(masks),
+              masked_image_latents=nchw(block[..., 1:]), height=h, width=w_px, strength=1.0)
+  pipe = (StableDiffusionPipeline if masks is None else
+          StableDiffusionInpaintPipeline).from_pretrained(directory)
+  cond = model.denoiser.encode_cond(model.params, cond_input)
   spec = sampling.SamplerSpec(schedule=model.schedule, clip=None)
   x_hat = sampling._x_fn(model.denoiser, spec, model.params, cond,
                          jnp.full((len(prompts),), w, jnp.float32))
@@ -162,8 +176,8 @@ def assert_diffusers_samples_like_gdistill(directory, model, prompts, w):
                                  schedule=model.schedule)
   ours = (model.decode(np.asarray(latents)) + 1) / 2
   with torch.no_grad():
-    theirs = pipe(prompts, guidance_scale=1 + w, num_inference_steps=n,
-                  latents=torch.from_numpy(z1).permute(0, 3, 1, 2), output_type="np").images
+    theirs = pipe(prompts, guidance_scale=1 + w, num_inference_steps=n, latents=nchw(z1),
+                  output_type="np", **kw).images
   assert theirs.shape == ours.shape
   err = np.abs(ours - theirs).max()
   assert err <= 1e-3, err
@@ -197,3 +211,30 @@ def write_image_captions(directory, images, captions, *, layout="image_folder", 
           info.size = len(payload)
           tar.addfile(info, io_lib.BytesIO(payload))
   return str(directory)
+
+
+def assert_zero_and_full_masks(model, images, prompts, w=3.0):
+  """A zero mask returns the input exactly (paste-back); a full mask without paste-back is
+  sample() with the same rng, bit for bit."""
+  n = len(images)
+  zeros = np.zeros((n,) + images.shape[1:3], np.uint8)
+  np.testing.assert_array_equal(model.inpaint(images, zeros, prompts=prompts, w=w),
+                                images / np.float32(127.5) - np.float32(1.0))
+  np.testing.assert_array_equal(
+      model.inpaint(images, zeros + 1, prompts=prompts, w=w, rng=5, paste_back=False),
+      model.sample(prompts=prompts, w=w, rng=5))
+
+
+def inpaint_cli(config, workdir, tmp_path, images, masks, prompts):
+  """--mode=inpaint (edit_modes.inpaint_to_file) on an .npz and a prompts file written to
+  tmp_path: (info, the config used, the output arrays)."""
+  from gdistill import edit_modes
+  np.savez(tmp_path / "in.npz", images=images, masks=masks)
+  (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
+  config = config.copy_and_resolve_references()
+  config.inpaint.update(dict(input=str(tmp_path / "in.npz"),
+                             prompts_file=str(tmp_path / "p.txt"),
+                             out=str(tmp_path / "o.npz")))
+  info = edit_modes.inpaint_to_file(config, workdir)
+  with np.load(tmp_path / "o.npz") as f:
+    return info, config, dict(f)
