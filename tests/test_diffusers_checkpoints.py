@@ -511,18 +511,21 @@ def test_sharded_read_places_each_slice_on_its_device(tmp_path):
   assert split > 50  # most kernels are really split 8 ways
 
 
-def test_a_pipeline_distils_a_diffusers_directory(tmp_path, tiny_bpe, capsys):
+@pytest.mark.parametrize("inpainting", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_a_pipeline_distils_a_diffusers_directory(tmp_path, tiny_bpe, capsys, inpainting):
   """--config.init_from=<a diffusers SD directory> on your own image-caption files: the tiny SD
   becomes the teacher and the autoencoder, then stage one and two progressive rounds (4 and 2
   steps) train on a folder of 64x64 images + .txt captions (shapes, enlarged), each batch
   encoded to 32x32x4 latents by its VAE on the device; the students sample prompts through the
-  API; a rerun finds everything done and imports nothing again."""
+  API; a rerun finds everything done and imports nothing again. inpainting (`pytest -m slow`):
+  the same for an SD inpainting checkpoint (in_channels 9; random masks in every batch), its
+  student inpainting through the API and, exported, in StableDiffusionInpaintPipeline."""
   import importlib
   import gdistill
   from gdistill import driver
   import util
   from gdistill.data import shapes
-  _tiny_sd(tmp_path / "sd", tiny_bpe)
+  _tiny_sd(tmp_path / "sd", tiny_bpe, inpainting=inpainting)
   d = shapes.generate(40, seed=11)
   util.write_image_captions(tmp_path / "pictures", d["image"].repeat(2, 1).repeat(2, 2),
                             d["caption"], image_format="jpeg")
@@ -565,8 +568,21 @@ def test_a_pipeline_distils_a_diffusers_directory(tmp_path, tiny_bpe, capsys):
   assert export.main(["--workdir", wd, "--stage", "progressive_2", "--format", "diffusers",
                       "--out", out_dir]) == 0
   assert "num_inference_steps = 2 (2 NFE)" in capsys.readouterr().out
-  util.assert_diffusers_samples_like_gdistill(out_dir, student, ["a red circle", "a blue square"],
-                                         w=3.0)
+  if not inpainting:
+    util.assert_diffusers_samples_like_gdistill(out_dir, student,
+                                                ["a red circle", "a blue square"], w=3.0)
+    return
+  assert student.inpainting and teacher.inpainting
+  pics = d["image"][:2].repeat(2, 1).repeat(2, 2)
+  masks = np.zeros((2, 64, 64, 1), np.float32)   # whole 2x2-pixel latents (f = 2)
+  masks[0, 8:40, 16:48] = 1
+  masks[1, 32:] = 1
+  filled = student.inpaint(pics, masks, prompts=["a red circle", "a blue square"], w=3.0)
+  keep = np.broadcast_to(masks == 0, filled.shape)
+  np.testing.assert_array_equal(filled[keep], (pics / np.float32(127.5) - 1)[keep])
+  util.assert_diffusers_samples_like_gdistill(out_dir, student,
+                                              ["a red circle", "a blue square"], w=3.0,
+                                              images=pics, masks=masks)
 
 
 def test_word_tokenizer_as_bpe_encodes_every_caption_alike():
