@@ -511,7 +511,10 @@ def test_sharded_read_places_each_slice_on_its_device(tmp_path):
   assert split > 50  # most kernels are really split 8 ways
 
 
-@pytest.mark.parametrize("inpainting", [False, pytest.param(True, marks=pytest.mark.slow)])
+# Both slow (~3.5 min each; `pytest -m slow`): the default run checks the same import, export and
+# round trips on the modules (above) and the train loop on the shapes pipelines.
+@pytest.mark.slow
+@pytest.mark.parametrize("inpainting", [False, True])
 def test_a_pipeline_distils_a_diffusers_directory(tmp_path, tiny_bpe, capsys, inpainting):
   """--config.init_from=<a diffusers SD directory> on your own image-caption files: the tiny SD
   becomes the teacher and the autoencoder, then stage one and two progressive rounds (4 and 2
