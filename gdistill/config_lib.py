@@ -404,8 +404,9 @@ def validate(c, *, num_devices: int, num_processes: int = 1, dataset_info=None):
   if m.inpainting:
     _need(m.name != "mlp", "model.inpainting", m.inpainting,
           "an image model ('unet' or 'unet2d_condition'; 'mlp' takes flat vectors)")
-    from gdistill import inpainting
-    inpainting.mask_probabilities(c.masks)
+    weights = c.masks.to_dict()
+    _need(all(v >= 0 for v in weights.values()) and sum(weights.values()) > 0, "masks",
+          weights, "weights of the mask kinds >= 0 and not all 0 (e.g. --config.masks.box=0.4)")
   p = c.progressive
   _need(_is_pow2(p.start_steps), "progressive.start_steps", p.start_steps,
         "must be a power of two >= 2 (e.g. 1024)")
