@@ -187,9 +187,11 @@ def base_config():
                 enabled=True,  # enabled: evaluate at a pipeline's end
                 # edits: the editing / inpainting evaluation of shapes and digits
                 # (gdistill/edit_eval.py): edit_images per task, at edit_w, the teacher (N0
-                # steps) and the students of edit_steps, edits at each of edit_strengths.
+                # steps) and the students of edit_steps, edits at each of edit_strengths, in
+                # batches of edit_batch_size. The main sweep's results do not depend on these
+                # keys: changing them on a finished workdir re-runs only the editing table.
                 edits=True, edit_w=3.0, edit_strengths=(0.4, 0.6, 0.8), edit_steps=(1, 2, 4),
-                edit_images=120, edit_batch_size=120)
+                edit_images=120, edit_batch_size=64)
   return c
 
 

@@ -176,10 +176,12 @@ def evaluate_workdir(config, workdir: str) -> dict:
 
 
 def _sweep_key(config, workdir: str, stages: list[str]) -> str:
-  """What the sweep's results depend on: the eval settings, the data and each export."""
+  """What the sweep's results depend on: the eval settings (less the editing table's, eval.edit*,
+  which gdistill/edit_eval.py re-runs every time), the data and each export."""
   exports = {st: str(ckpt_lib.load_export_metadata(api.export_dir(workdir, st)).get("created"))
              for st in stages}
-  blob = json.dumps([config.eval.to_dict(), config.data.to_dict(), int(config.seed),
+  sweep = {k: v for k, v in config.eval.to_dict().items() if not k.startswith("edit")}
+  blob = json.dumps([sweep, config.data.to_dict(), int(config.seed),
                      int(config.progressive.start_steps), exports], sort_keys=True, default=str)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

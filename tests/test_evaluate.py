@@ -290,6 +290,14 @@ def test_sigterm_in_evaluate_and_sample_saves_progress_and_reruns_match(workdir,
   assert not os.path.exists(os.path.join(wd, "eval", "results.json"))
   resumed = evaluate.evaluate_workdir(c, wd)
   assert resumed["rows"][:2] == saved  # reused as they were (timings included), not redone
+  # The editing table's keys (eval.edit*) are not the sweep's: changing them on a finished
+  # workdir reuses every row and re-runs only the editing table.
+  c_edit = c.copy_and_resolve_references()
+  c_edit.eval.edit_strengths = (0.6,)
+  again = evaluate.evaluate_workdir(c_edit, wd)
+  assert again["rows"] == resumed["rows"]
+  with open(os.path.join(wd, "eval", "edits.json")) as f:
+    assert {r["strength"] for r in json.load(f)["rows"] if r["task"] == "relabel"} == {0.6}
   os.remove(progress)
   fresh = evaluate.evaluate_workdir(c, wd)
   key = lambda r: (r["stage"], r["sampler"], r["steps"], r["w"], r["fid"], r["is"],

@@ -392,3 +392,32 @@ def test_diversity_is_one_for_data_and_zero_when_collapsed(data):
   assert attributes.diversity(collapsed, data, reference) == 0.0
   nothing = dict(truth, present=np.zeros_like(truth["present"]))
   assert np.isnan(attributes.diversity(nothing, data, reference))
+
+
+def test_edit_evaluation_masks_cover_what_they_repaint_and_spare_what_they_keep(data):
+  """gdistill/edit_eval.py's inpainting cases: a fill mask holds every large object the data
+  can place in its cell (the cell's own box is smaller than a large object) and spares the kept
+  object; a remove mask covers the removed object and spares the kept one."""
+  from gdistill import edit_eval
+  cases = edit_eval.shapes_cases(data, 200)
+  fill, remove = cases["fill"], cases["remove"]
+  one = np.flatnonzero((data["num_objects"] == 1) & (data["cell"][:, 0] != 4))[:200]
+  two = np.flatnonzero(data["num_objects"] == 2)[:200]
+  assert len(fill["masks"]) == 200 and len(remove["masks"]) == 200
+  width, big = shapes.SIZE / 3, shapes.HALF_EXTENT[1][1]
+  # The corners and the centre of the cell's middle half (where the data puts centres).
+  corners = [(ux, uy) for ux in (0.25, 0.75) for uy in (0.25, 0.75)] + [(0.5, 0.5)]
+  for i, (cell, mask) in enumerate(zip(fill["cell"], fill["masks"])):
+    kept = data["image"][one[i]].max(-1) > 0
+    assert not (mask.astype(bool) & kept).any()
+    row, col = divmod(int(cell), 3)
+    centres = np.clip([[(col + ux) * width, (row + uy) * width] for ux, uy in corners],
+                      big, shapes.SIZE - big).astype(np.float32)
+    squares = shapes.render(np.zeros((5, 1), np.int32), np.ones((5, 1), np.int32),
+                            centres[:, None], np.full((5, 1), big, np.float32)).max(-1) > 0
+    assert not (squares & ~mask.astype(bool)).any()
+  for i, mask in zip(two, remove["masks"]):
+    a, b = (shapes.render(data["color"][i, None, k, None], data["shape"][i, None, k, None],
+                          data["center"][i, None, k, None], data["half_extent"][i, None, k, None]
+                          )[0].max(-1) > 0 for k in (0, 1))
+    assert (mask.astype(bool) | ~b).all() and not (mask.astype(bool) & a).any()
