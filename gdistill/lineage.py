@@ -119,6 +119,8 @@ def resume_record(config, stage: Stage) -> dict:
               "data.split": config.data.split, "data.variant": config.data.variant,
               "data.random_flip": config.data.random_flip,
               "model.dropout": config.model.dropout, "model.dtype": config.model.dtype})
+  if config.model.get("inpainting"):  # the training masks' mix (recorded only where used)
+    out.update({f"masks.{k}": v for k, v in config.masks.to_dict().items()})
   return json.loads(json.dumps(out, default=str))  # tuples -> lists, as stored in JSON
 
 

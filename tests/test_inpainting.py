@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import gdistill
-from gdistill import config_lib, driver, editing, inpainting, sharding, stage_setup, train
+from gdistill import (config_lib, driver, editing, inpainting, lineage, plan, sharding, stage_setup,
+                      train)
 import util
 from test_text_to_image import shapes_config
 
@@ -135,6 +136,17 @@ def test_bad_inpainting_settings_are_refused():
     editing.check_method(plain, "paint")
   assert editing.check_method(plain, None) == "replacement"
   assert editing.check_method(types.SimpleNamespace(inpainting=True), None) == "model"
+  # The training masks' mix is a hyperparameter: a changed one is refused on resume.
+  c = util.quick_config(**{"model.inpainting": True})
+  stage = plan.make_plan(c)[0]
+  saved = lineage.resume_record(c, stage)
+  assert saved["masks.full"] == 0.2
+  c2 = util.quick_config(**{"model.inpainting": True, "masks.full": 0.5})
+  with pytest.raises(config_lib.ConfigError, match="config.masks.full: 0.2 in the checkpoint"):
+    lineage.check_resume(saved, c2, stage, 4)
+  c2.allow_changes = "masks.full"
+  assert lineage.check_resume(saved, c2, stage, 4) == ["masks.full: 0.2 -> 0.5"]
+  assert not any(k.startswith("masks.") for k in lineage.resume_record(util.quick_config(), stage))
 
 
 @pytest.fixture(scope="module")
