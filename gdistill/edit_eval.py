@@ -24,7 +24,7 @@ shapes (the attribute classifier, gdistill/metrics/attributes.py):
   image ("a small purple circle left of a large white square", the data's two-object grammar):
   it was trained on captions of whole images, and a prompt naming only the new object (the
   replacement rows' prompt) fills worse (0.70 against 0.925 for the 4-step student of
-  configs/shapes.py:inpaint, 0.62 against 0.93 for its teacher).
+  configs/shapes.py:inpaint at N0 = 16, 0.62 against 0.93 for its teacher).
 digits (the evaluation's classifier):
   relabel   test digits edited to label (y + 1) mod 10 at each strength: success = classified
             as the new label.
