@@ -34,7 +34,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from gdistill import (conditioning, config_lib, flops, losses, paths, runtime, sampling,
+from gdistill import (conditioning, config_validation, flops, losses, paths, runtime, sampling,
                       schedules, sharding, stage_setup, train)
 from gdistill.benchmark_loader import LOADER_MODES, StepCase, bench_loader, loader_markdown
 from gdistill.benchmark_report import markdown, write
@@ -330,7 +330,7 @@ def run(config, *, steps: int = 10, warmup: int = 2, kinds=DEFAULT_KINDS, sample
     jax.monitoring.register_event_listener(_count_cache_hits)
     _count_cache_hits.registered = True
   devices = jax.devices()
-  config_lib.validate(config, num_devices=len(devices), num_processes=jax.process_count())
+  config_validation.validate(config, num_devices=len(devices), num_processes=jax.process_count())
   mesh = sharding.make_mesh(config.mesh, devices)
   dtype = str(config.model.dtype)
   peak, peak_source = flops.peak_flops(dtype)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gdistill import config_lib, losses, paths, sharding, train
+from gdistill import config_lib, config_validation, losses, paths, sharding, train
 from gdistill.plan import Stage, make_plan
 
 MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
@@ -234,7 +234,7 @@ def run(config, workdir: str, devices=None) -> list[dict]:
   if devices is None and config.compile.topology:
     devices = tpu_topology(config.compile.topology)
   devices = list(devices if devices is not None else jax.devices())
-  config_lib.validate(config, num_devices=len(devices), num_processes=jax.process_count())
+  config_validation.validate(config, num_devices=len(devices), num_processes=jax.process_count())
   mesh = sharding.make_mesh(config.mesh, devices)
   primary = jax.process_index() == 0
   if primary:

@@ -12,7 +12,7 @@ import time
 
 import jax
 
-from gdistill import config_lib, data, paths, sharding
+from gdistill import config_lib, config_validation, data, paths, sharding
 from gdistill.plan import make_plan
 from gdistill.train import run_stage
 
@@ -23,7 +23,7 @@ def prepare(config, workdir: str, devices=None):
   from gdistill import runtime
   runtime.configure_tensorflow(config.data)  # before the dashboards import TensorFlow
   info = data.dataset_info(config.data)
-  config_lib.validate(config, num_devices=len(devices),
+  config_validation.validate(config, num_devices=len(devices),
                       num_processes=jax.process_count(), dataset_info=info)
   mesh = sharding.make_mesh(config.mesh, devices)
   save_config(config, workdir)

@@ -19,7 +19,8 @@ import time
 import jax
 import numpy as np
 
-from gdistill import api, config_lib, dashboard, editing, evaluate, paths, sampling
+from gdistill import (api, config_lib, config_validation, dashboard, editing, evaluate, paths,
+                      sampling)
 
 
 def _read_input(section, key: str, need_masks: bool) -> dict:
@@ -63,7 +64,8 @@ def _conditions(model, section, key: str, arrays: dict, n: int) -> tuple[dict, d
 def _run(config, workdir: str, key: str) -> dict:
   workdir = paths.resolve(workdir)
   config_lib.resolve_paths(config)
-  config_lib.validate(config, num_devices=jax.device_count(), num_processes=jax.process_count())
+  config_validation.validate(config, num_devices=jax.device_count(),
+                             num_processes=jax.process_count())
   s = config[key]
   inpaint = key == "inpaint"
   arrays = _read_input(s, key, inpaint)

@@ -28,8 +28,8 @@ import time
 import jax
 import numpy as np
 
-from gdistill import (api, conditioning, config_lib, dashboard, edit_eval, paths, preemption,
-                      scoring)
+from gdistill import (api, conditioning, config_lib, config_validation, dashboard, edit_eval,
+                      paths, preemption, scoring)
 from gdistill import checkpoint as ckpt_lib
 
 GRID_COLUMNS = 10  # samples of each w in a row's grid (eval/grids/)
@@ -82,7 +82,8 @@ def evaluate_workdir(config, workdir: str) -> dict:
   t_start = time.perf_counter()
   workdir = paths.resolve(workdir)
   config_lib.resolve_paths(config)
-  config_lib.validate(config, num_devices=jax.device_count(), num_processes=jax.process_count())
+  config_validation.validate(config, num_devices=jax.device_count(),
+                             num_processes=jax.process_count())
   stages = api.finished_stages(workdir)
   rows = plan_rows(config, stages)
   if not rows:
@@ -399,7 +400,8 @@ def sample_to_file(config, workdir: str) -> dict:
   """
   workdir = paths.resolve(workdir)
   config_lib.resolve_paths(config)
-  config_lib.validate(config, num_devices=jax.device_count(), num_processes=jax.process_count())
+  config_validation.validate(config, num_devices=jax.device_count(),
+                             num_processes=jax.process_count())
   s = config.sample
   model = api.load(workdir, s.stage)
   primary = jax.process_index() == 0

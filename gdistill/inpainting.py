@@ -60,8 +60,8 @@ def generation_condition(n: int, image_shape: tuple[int, ...], encode=None):
 
 
 def mask_probabilities(masks_cfg) -> np.ndarray:
-  """config.masks -> the probabilities of KINDS (normalised; config_lib.validate has checked
-  the weights)."""
+  """config.masks -> the probabilities of KINDS (normalised; config_validation.validate has
+  checked the weights)."""
   p = np.asarray([float(masks_cfg[k]) for k in KINDS], np.float64)
   return p / p.sum()
 

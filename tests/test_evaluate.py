@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import gdistill
-from gdistill import api, config_lib, evaluate, scoring
+from gdistill import api, config_lib, config_validation, evaluate, scoring
 import util
 import xla_env
 
@@ -250,7 +250,7 @@ def test_bad_eval_and_sample_config_is_refused(key, value, match):
   section, name = key.split(".")
   c[section][name] = value
   with pytest.raises(config_lib.ConfigError, match=match):
-    config_lib.validate(c, num_devices=8)
+    config_validation.validate(c, num_devices=8)
 
 
 def test_cli_sample_of_a_missing_stage_names_the_exports(workdir):

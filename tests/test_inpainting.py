@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import gdistill
-from gdistill import (config_lib, driver, editing, inpainting, lineage, plan, sharding, stage_setup,
-                      train)
+from gdistill import (config_lib, config_validation, driver, editing, inpainting, lineage, plan,
+                      sharding, stage_setup, train)
 import util
 from test_text_to_image import shapes_config
 
@@ -124,11 +124,11 @@ def test_train_batches_carry_masks_drawn_from_seed_and_step():
 def test_bad_inpainting_settings_are_refused():
   c = util.quick_config(**{"model.inpainting": True, "model.name": "mlp"})
   with pytest.raises(config_lib.ConfigError, match="model.inpainting"):
-    config_lib.validate(c, num_devices=1)
+    config_validation.validate(c, num_devices=1)
   c = util.quick_config(**{"model.inpainting": True, "masks.box": 0.0, "masks.stroke": 0.0,
                            "masks.border": 0.0, "masks.full": 0.0})
   with pytest.raises(config_lib.ConfigError, match="config.masks"):
-    config_lib.validate(c, num_devices=1)
+    config_validation.validate(c, num_devices=1)
   plain = types.SimpleNamespace(inpainting=False, stage="progressive_1")
   with pytest.raises(ValueError, match="cannot inpaint as a model"):
     editing.check_method(plain, "model")

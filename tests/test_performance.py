@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gdistill import benchmark, config_lib, data, flops, losses, sharding, stage_setup, train
+from gdistill import (benchmark, config_lib, config_validation, data, flops, losses, sharding,
+                      stage_setup, train)
 import util
 
 
@@ -399,7 +400,7 @@ def test_data_fast_path_keys_are_validated():
   for key, bad in (("data.tf_intra_op_threads", -1), ("data.tf_inter_op_threads", -2)):
     c = util.quick_config(**{key: bad})
     with pytest.raises(config_lib.ConfigError, match=f"config.{key}={bad}"):
-      config_lib.validate(c, num_devices=1)
+      config_validation.validate(c, num_devices=1)
   c = util.quick_config()
   assert c.data.normalize_on_device is True and c.data.tf_hide_accelerators is True
   assert (c.data.tf_intra_op_threads, c.data.tf_inter_op_threads) == (1, 1)

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from gdistill import config_lib, data, driver, train
+from gdistill import config_lib, config_validation, data, driver, train
 import util
 import xla_env
 
@@ -52,7 +52,7 @@ BAD = [
 def test_validation_names_key_value_and_what_is_valid(ov, devices, processes, named, hint):
   c = _cfg(**ov)
   with pytest.raises(config_lib.ConfigError) as e:
-    config_lib.validate(c, num_devices=devices, num_processes=processes)
+    config_validation.validate(c, num_devices=devices, num_processes=processes)
   msg = str(e.value)
   assert named in msg and hint in msg, msg
 

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from gdistill import config_lib, data, driver, plan, sharding, train
+from gdistill import config_lib, config_validation, data, driver, plan, sharding, train
 import util
 
 
@@ -53,7 +53,7 @@ def test_full_scale_configs_build_abstract_sharded_state(name):
   c = importlib.import_module(f"configs.{name}").get_config()
   with c.unlocked():
     c.mesh.fsdp = 2
-  config_lib.validate(c, num_devices=8)
+  config_validation.validate(c, num_devices=8)
   mesh = sharding.make_mesh(c.mesh)
   s = train.setup_stage(c, "/nonexistent", plan.Stage("teacher", "teacher", "teacher"), mesh)
   n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(s.abstract_state["params"]))
@@ -100,7 +100,7 @@ def test_gradient_accumulation_is_the_update_of_the_whole_batch():
   results = {}
   for k in (1, 4):
     c = util.quick_config(**small, **{"teacher.grad_accum": k})
-    config_lib.validate(c, num_devices=8)
+    config_validation.validate(c, num_devices=8)
     mesh = sharding.make_mesh(c.mesh)
     with jax.set_mesh(mesh):
       s = train.setup_stage(c, "/nonexistent", stage, mesh)
@@ -125,4 +125,4 @@ def test_gradient_accumulation_is_the_update_of_the_whole_batch():
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
   bad = util.quick_config(**small, **{"teacher.grad_accum": 3})
   with pytest.raises(config_lib.ConfigError, match="teacher.grad_accum"):
-    config_lib.validate(bad, num_devices=8)
+    config_validation.validate(bad, num_devices=8)
