@@ -51,6 +51,19 @@ def test_digits_prepares_from_sklearn(digits_dir):
   assert batch["x"].min() == -1.0 and batch["x"].max() == 1.0
 
 
+def test_preparing_embedded_data_leaves_no_temp_dirs(tmp_path, monkeypatch):
+  """tfds looks for a prepared dataset's metadata on its GCS bucket through an empty temp
+  dir it never removes; embedded data has none there and must not leave such dirs."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  temp = tmp_path / "system_temp"
+  temp.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(temp))
+  data_dir = tmp_path / "data"
+  assert data.dataset_info(_cfg("digits", str(data_dir))).num_examples == 1797
+  assert any(data_dir.iterdir())
+  assert not list(temp.iterdir())
+
+
 def test_digits_module_reimports():
   importlib.reload(digits)
   importlib.reload(digits)

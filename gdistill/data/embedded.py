@@ -30,8 +30,27 @@ def png(image: np.ndarray) -> bytes:
   return buffer.getvalue()
 
 
+class LocalDatasetInfo(tfds.core.DatasetInfo):
+  """DatasetInfo of data that exists only where it is generated: no copy of its metadata on
+  tfds' GCS bucket to look for. tfds' lookup (`initialize_from_bucket`, run whenever a builder
+  is made before its data is prepared) creates an empty `tmp*tfds` directory in the system
+  temp dir and never removes it: one per preparation, hundreds over a test run."""
+
+  def initialize_from_bucket(self) -> None:
+    pass
+
+
 class EmbeddedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """A tfds builder of data generated on this machine (nothing is downloaded)."""
+
+  def dataset_info_from_configs(self, **kwargs) -> tfds.core.DatasetInfo:
+    """tfds' own, as a LocalDatasetInfo."""
+    metadata = self.get_metadata()
+    if metadata.description:
+      kwargs["description"] = metadata.description
+    if metadata.citation:
+      kwargs["citation"] = metadata.citation
+    return LocalDatasetInfo(builder=self, **kwargs)
 
   # tfds prints "Downloading and preparing dataset ..." and "... downloaded and prepared"
   # with termcolor whatever its verbosity: embedded data is prepared quietly.
