@@ -89,7 +89,8 @@ def base_config():
                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
                  attention_head_dim=4, time_cond_proj_dim=256, use_linear_projection=False,
-                 attention_impl="", student_parametrization="", inpainting=False)
+                 attention_impl="", student_parametrization="", inpainting=False,
+                 addition_embed_type="", addition_embed_type_num_heads=64)
   # model.inpainting: the network also takes the mask and the masked image (Stable Diffusion's
   # inpainting layout, gdistill/inpainting.py); its stages train on random masks of these
   # kinds, drawn with these weights (full: the whole image, so it still generates from text).
@@ -234,6 +235,9 @@ def arch_dict(model_cfg) -> dict:
   keys = ARCH_KEYS + (SD_ARCH_KEYS if model_cfg["name"] == "unet2d_condition" else ())
   # An inpainting model records it (other models keep their hash: old exports still fit).
   keys += ("inpainting",) if model_cfg.get("inpainting") else ()
+  # So does a text-pooled timestep embedding (diffusers' addition_embed_type 'text').
+  keys += (("addition_embed_type", "addition_embed_type_num_heads")
+           if model_cfg.get("addition_embed_type") else ())
   return _pick(model_cfg, keys)
 
 

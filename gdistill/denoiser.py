@@ -189,6 +189,8 @@ def build_module(model_cfg, *, w_embedding: bool = False, dtype=None, schedule=N
         norm_num_groups=model_cfg.num_groups, dropout=float(model_cfg.dropout),
         time_cond_proj_dim=int(model_cfg.time_cond_proj_dim) if w_embedding else None,
         use_linear_projection=bool(model_cfg.use_linear_projection),
+        addition_embed_type=model_cfg.get("addition_embed_type") or None,
+        addition_embed_type_num_heads=int(model_cfg.get("addition_embed_type_num_heads", 64)),
         remat=bool(model_cfg.remat), **kw)
     text = models.CLIPTextTransformer(
         vocab_size=int(vocab_size), hidden_size=int(text_cfg.hidden_size),

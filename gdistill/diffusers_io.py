@@ -49,7 +49,7 @@ _UNET_FIXED = {
     "resnet_time_scale_shift": "default", "time_embedding_type": "positional",
     "conv_in_kernel": 3, "conv_out_kernel": 3, "only_cross_attention": False,
     "dual_cross_attention": False, "class_embed_type": None, "num_class_embeds": None,
-    "addition_embed_type": None, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
+    "encoder_hid_dim": None, "encoder_hid_dim_type": None,
     "time_embedding_dim": None, "time_embedding_act_fn": None, "timestep_post_act": None,
     "time_cond_proj_dim_act": None, "projection_class_embeddings_input_dim": None,
     "class_embeddings_concat": False, "mid_block_only_cross_attention": None,
@@ -92,9 +92,10 @@ def _check_fixed(config: dict, fixed: dict, where: str) -> list[str]:
 def unet_sections(unet: dict, prediction: str) -> tuple[dict, list[str]]:
   """(config.model overrides, problems) of a UNet2DConditionModel config.json."""
   problems = _check_fixed(unet, _UNET_FIXED, "unet/config.json")
-  if unet.get("addition_embed_type") or unet.get("addition_time_embed_dim"):
-    problems.append("unet/config.json: addition_embed_type / addition_time_embed_dim (SDXL's "
-                    "added time and text conditions) are not supported")
+  if unet.get("addition_embed_type") not in (None, "text") or unet.get("addition_time_embed_dim"):
+    problems.append(f"unet/config.json: addition_embed_type={unet.get('addition_embed_type')!r}"
+                    " / addition_time_embed_dim (SDXL's added time and text conditions): "
+                    "gdistill implements None and 'text' (TextTimeEmbedding)")
   cin, cout = int(unet.get("in_channels", 4)), int(unet.get("out_channels", 4))
   from gdistill import inpainting
   inpaint = cin == cout + inpainting.extra_channels(cout)   # SD inpainting: 9 = 4 + 1 + 4
@@ -117,6 +118,9 @@ def unet_sections(unet: dict, prediction: str) -> tuple[dict, list[str]]:
     problems.append("unet/config.json: layers_per_block as a list is not supported")
   if unet.get("time_cond_proj_dim"):
     model["time_cond_proj_dim"] = int(unet["time_cond_proj_dim"])
+  if unet.get("addition_embed_type") == "text":
+    model["addition_embed_type"] = "text"
+    model["addition_embed_type_num_heads"] = int(unet.get("addition_embed_type_num_heads", 64))
   return model, problems
 
 
@@ -302,7 +306,9 @@ def unet_config(model: Mapping, text: Mapping, time_cond_proj_dim: Optional[int]
           "attention_head_dim": list(heads) if isinstance(heads, (list, tuple)) else int(heads),
           "norm_num_groups": int(model["num_groups"]), "norm_eps": 1e-5,
           "use_linear_projection": bool(model.get("use_linear_projection", False)),
-          "time_cond_proj_dim": time_cond_proj_dim, "flip_sin_to_cos": True, "freq_shift": 0}
+          "time_cond_proj_dim": time_cond_proj_dim, "flip_sin_to_cos": True, "freq_shift": 0,
+          "addition_embed_type": model.get("addition_embed_type") or None,
+          "addition_embed_type_num_heads": int(model.get("addition_embed_type_num_heads", 64))}
 
 
 def vae_config(vae: Mapping, scaling_factor: float) -> dict:

@@ -41,7 +41,8 @@ FAMILIES = {"unet": "", "vae": "", "text": "text_model."}
 IGNORED_KEYS = ("text_model.embeddings.position_ids",)
 
 _CONTAINER_RE = re.compile(r"^(%s)_(\d+)$" % "|".join(CONTAINERS))
-_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "embedding": "weight"}
+_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "embedding": "weight",
+         "positional_embedding": "positional_embedding"}
 
 
 class WeightMapError(ValueError):

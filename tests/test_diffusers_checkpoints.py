@@ -57,18 +57,22 @@ def _template(model, *args, method=None):
   return flax.linen.meta.unbox(jax.eval_shape(init)["params"])
 
 
-def _dummy_unet(time_cond_proj_dim, in_channels=4):
+def _dummy_unet(time_cond_proj_dim, in_channels=4, addition_embed_type=None):
   from diffusers import UNet2DConditionModel as Ref
   return Ref(block_out_channels=(32, 64), layers_per_block=2, sample_size=32,
              in_channels=in_channels,
              out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
              up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-             time_cond_proj_dim=time_cond_proj_dim, norm_num_groups=2)
+             time_cond_proj_dim=time_cond_proj_dim, norm_num_groups=2,
+             addition_embed_type=addition_embed_type, addition_embed_type_num_heads=4)
 
 
-@pytest.mark.parametrize("time_cond_proj_dim", [None, 256])
-def test_unet_matches_diffusers(tmp_path, time_cond_proj_dim):
-  ref = _randomize(_dummy_unet(time_cond_proj_dim), 0)
+@pytest.mark.parametrize("time_cond_proj_dim,addition_embed_type",
+                         [(None, None), (256, None), (256, "text")])
+def test_unet_matches_diffusers(tmp_path, time_cond_proj_dim, addition_embed_type):
+  """Also with addition_embed_type 'text' (TextTimeEmbedding: the caption pooled into the
+  timestep embedding, AttentionPooling's positional_embedding a leaf of its own name)."""
+  ref = _randomize(_dummy_unet(time_cond_proj_dim, addition_embed_type=addition_embed_type), 0)
   ref.save_pretrained(tmp_path)
   config = json.loads((tmp_path / "config.json").read_text())
   model = UNet2DConditionModel(**_kwargs(UNet2DConditionModel, config))
@@ -198,6 +202,33 @@ def test_clip_tokenizer_matches_transformers(tiny_bpe):
   np.testing.assert_array_equal(Ref.from_pretrained(str(saved))(
       prompts, padding="max_length", max_length=77, truncation=True,
       return_tensors="np").input_ids, expected)
+
+
+@pytest.mark.parametrize("addition", ["", "text"])
+def test_unet_config_round_trips_through_diffusers(addition):
+  """gdistill's config.model -> unet/config.json -> config.model; diffusers builds the same
+  parameter shapes from the written file (with and without the text-pooled embedding)."""
+  from diffusers import UNet2DConditionModel as Ref
+  from gdistill import diffusers_io
+  model = dict(name="unet2d_condition", channels=4, image_size=8, parametrization="eps",
+               num_groups=8, block_out_channels=(16, 32),
+               down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+               up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
+               attention_head_dim=2, addition_embed_type=addition,
+               addition_embed_type_num_heads=4)
+  written = diffusers_io.unet_config(model, {"hidden_size": 16}, 8)
+  back, problems = diffusers_io.unet_sections(written, "eps")
+  assert not problems, problems
+  assert back.get("addition_embed_type", "") == addition
+  ref = Ref(**{k: v for k, v in written.items() if not k.startswith("_")})
+  ours = UNet2DConditionModel(**_kwargs(UNet2DConditionModel, written))
+  template = _template(ours, np.zeros((1, 8, 8, 4), np.float32), np.zeros((1,), np.float32),
+                       np.zeros((1, 3, 16), np.float32), np.zeros((1, 8), np.float32))
+  weight_map.check_keys(template, "unet", {k: tuple(v.shape)
+                                           for k, v in ref.state_dict().items()})
+  written["addition_embed_type"] = "text_time"
+  assert "addition_embed_type='text_time'" in " ".join(diffusers_io.unet_sections(written,
+                                                                                  "eps")[1])
 
 
 def test_weight_map_names_what_does_not_fit():

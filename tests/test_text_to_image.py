@@ -60,6 +60,25 @@ def test_the_plan_of_a_latent_text_model():
   assert [s.name for s in plan.make_plan(c)][0] == "teacher"
 
 
+def test_a_text_pooled_time_embedding_is_checked_and_recorded():
+  """model.addition_embed_type 'text' (diffusers' TextTimeEmbedding): refused by name when
+  unknown or when its heads do not divide the text width; the export's architecture records
+  it, and models without it keep their hash."""
+  from gdistill import config_lib, config_validation
+  for over, named in (({"model.addition_embed_type": "image"}, "model.addition_embed_type"),
+                      ({"model.addition_embed_type": "text",
+                        "model.addition_embed_type_num_heads": 3},
+                       "model.addition_embed_type_num_heads=3")):
+    with pytest.raises(config_lib.ConfigError, match=named):
+      config_validation.validate(shapes_config("/x", **over), num_devices=1)
+  plain = shapes_config("/x", **{"model.addition_embed_type": ""})
+  pooled = shapes_config("/x", **{"model.addition_embed_type": "text",
+                                  "model.addition_embed_type_num_heads": 2})
+  config_validation.validate(pooled, num_devices=1)
+  assert "addition_embed_type" not in config_lib.arch_dict(plain.model)
+  assert config_lib.arch_dict(pooled.model)["addition_embed_type"] == "text"
+
+
 def test_stage_one_student_equals_the_conditional_teacher_at_init(tmp_path):
   """The w-embedding (diffusers' time_embedding.cond_proj) starts at zero, so the fresh
   student is the conditional teacher for every w; the teacher's guided prediction at w = 0

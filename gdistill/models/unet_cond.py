@@ -107,6 +107,52 @@ class TimestepEmbedding(nn.Module):
     return layers.dense(self.time_embed_dim, name="linear_2", **kw)(nn.silu(sample))
 
 
+class AttentionPooling(nn.Module):
+  """diffusers' AttentionPooling (DeepFloyd IF): one query, the tokens' mean + positional_embedding,
+  attends over [query, tokens] with q_proj / k_proj / v_proj; [B, L, D] -> [B, D]."""
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, _, d = x.shape
+    if d % self.num_heads:
+      raise ValueError(f"addition_embed_type_num_heads={self.num_heads} must divide the text "
+                       f"width {d}")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    pos = self.param("positional_embedding", layers._kinit(
+        nn.initializers.normal(d ** -0.5), ("vocab", "mlp")), (1, d), self.param_dtype)
+    cls = x.mean(axis=1, keepdims=True) + pos[None].astype(x.dtype)
+    x = jnp.concatenate([cls, x], axis=1)
+    heads = lambda t: t.reshape(b, t.shape[1], self.num_heads, d // self.num_heads)
+    q = heads(layers.dense(d, name="q_proj", **kw)(cls))
+    k = heads(layers.dense(d, name="k_proj", **kw)(x))
+    v = heads(layers.dense(d, name="v_proj", **kw)(x))
+    scale = (d // self.num_heads) ** -0.25
+    weight = jax.nn.softmax(jnp.einsum("bqhc,bkhc->bhqk", q * scale, k * scale)
+                            .astype(jnp.float32), axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhc->bqhc", weight, v).reshape(b, d)
+
+
+class TextTimeEmbedding(nn.Module):
+  """diffusers' TextTimeEmbedding (addition_embed_type 'text'): norm1 -> pool -> proj -> norm2,
+  the text tokens [B, L, D] pooled into one vector added to the timestep embedding, so every
+  ResNet block (also those of levels without cross-attention) sees the caption."""
+  time_embed_dim: int
+  num_heads: int = 64
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, hidden_states):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = layers.layer_norm(param_dtype=self.param_dtype, name="norm1")(hidden_states)
+    h = AttentionPooling(self.num_heads, name="pool", **kw)(h.astype(self.dtype))
+    h = layers.dense(self.time_embed_dim, name="proj", **kw)(h)
+    return layers.layer_norm(param_dtype=self.param_dtype, name="norm2")(h).astype(self.dtype)
+
+
 class ResnetBlock2D(nn.Module):
   """norm1 -> silu -> conv1 (+ time_emb_proj(silu(temb))) -> norm2 -> silu -> dropout -> conv2,
   plus the input (through a 1x1 conv_shortcut when channels change). temb None: no time_emb_proj."""
@@ -352,6 +398,8 @@ class UNet2DConditionModel(nn.Module):
   flip_sin_to_cos: bool = True
   freq_shift: float = 0
   time_cond_proj_dim: Optional[int] = None
+  addition_embed_type: Optional[str] = None
+  addition_embed_type_num_heads: int = 64
   use_linear_projection: bool = False
   transformer_layers_per_block: IntOrTuple = 1
   dropout: float = 0.0
@@ -372,6 +420,9 @@ class UNet2DConditionModel(nn.Module):
   def __call__(self, sample, timesteps, encoder_hidden_states, timestep_cond=None, *,
                train: bool = False):
     self._check()
+    if self.addition_embed_type not in (None, "text"):
+      raise ValueError(f"addition_embed_type={self.addition_embed_type!r}: gdistill implements "
+                       "None and 'text' (diffusers' TextTimeEmbedding)")
     assert sample.ndim == 4 and sample.shape[-1] == self.in_channels, sample.shape
     b = sample.shape[0]
     timesteps = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), (b,))
@@ -396,6 +447,9 @@ class UNet2DConditionModel(nn.Module):
     emb = TimestepEmbedding(4 * ch[0], self.time_cond_proj_dim, name="time_embedding", **kw)(
         t_emb.astype(self.dtype), timestep_cond)
     context = encoder_hidden_states.astype(self.dtype)
+    if self.addition_embed_type == "text":
+      emb = emb + TextTimeEmbedding(4 * ch[0], self.addition_embed_type_num_heads,
+                                    name="add_embedding", **kw)(context)
 
     h = layers.conv(ch[0], 3, padding=1, name="conv_in", **kw)(sample.astype(self.dtype))
     skips = [h]
