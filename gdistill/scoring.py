@@ -15,7 +15,8 @@ model, sampler and w) and score(samples) -> {metric: value}, with the table's co
       div    diversity: entropy of the (cell, size) the colour-and-shape-only captions'
              samples show, over the real data's (1 = as varied as the data)
       fd     Frechet distance of the classifier's features against the test images
-    (and each attribute alone in results.json).
+    (and each attribute alone in results.json; adh1_csp: colour, shape and cell without the
+    size, the measure issue 14's criterion names).
 With several processes each scores its share of the samples and the shares are gathered.
 """
 from __future__ import annotations
@@ -154,7 +155,8 @@ def text_task(config, eval_dir: str, tokenizer) -> Task:
                                segment(attrs, s2, len(index)), test)
     fd = metrics.frechet_distance(*metrics.feature_stats(pred["features"]), mu, sigma)
     out = {"adh1": one["all"], "adh2": two["all"], "div": div, "fd": fd}
-    out.update({f"adh1_{k}": one[k] for k in ("color", "shape", "size", "cell", "strict")})
+    out.update({f"adh1_{k}": one[k]
+                for k in ("color", "shape", "size", "cell", "strict", "csp")})
     out.update({f"adh2_{k}": two[k] for k in ("both", "relation", "color", "shape")})
     return out
 

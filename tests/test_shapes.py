@@ -354,7 +354,7 @@ def test_cell_targets_and_mirror(data):
 def test_ground_truth_adheres_and_a_recoloured_set_does_not(data):
   truth = attributes.from_attributes(data)
   single = attributes.single_object_adherence(truth, data)
-  for key in ("all", "strict", "color", "shape", "size", "cell", "exactly_one"):
+  for key in ("all", "strict", "csp", "color", "shape", "size", "cell", "exactly_one"):
     assert single[key] == 1.0, (key, single)
   assert single["n"] == (data["num_objects"] == 1).sum() and 0 < single["n_size"] < single["n"]
   pair = attributes.two_object_adherence(truth, data)
@@ -366,6 +366,11 @@ def test_ground_truth_adheres_and_a_recoloured_set_does_not(data):
   assert single["color"] == single["all"] == 0.0 and single["shape"] == 1.0
   pair = attributes.two_object_adherence(recoloured, data)
   assert pair["all"] == pair["both"] == 0.0 and pair["shape"] == 1.0
+  # Every size wrong: csp (colour, shape, cell) still holds; all fails where size is stated.
+  resized = dict(truth, size=np.where(truth["present"], 1 - truth["size"], -1))
+  single = attributes.single_object_adherence(resized, data)
+  assert single["csp"] == 1.0 and single["size"] == 0.0
+  assert single["all"] == pytest.approx(1.0 - single["n_size"] / single["n"])
 
   # A and B swapped in the caption: the relation is false, the objects are still found.
   swapped = {k: (v[:, ::-1] if v.ndim == 2 else v) for k, v in data.items() if k != "image"}

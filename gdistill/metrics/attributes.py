@@ -361,7 +361,8 @@ def single_object_adherence(pred: dict, attrs: dict) -> dict[str, float]:
   """Over the single-object captions of attrs (pred: one row per example of attrs).
 
   all: some found object has the caption's colour and shape, and its size and cell
-  where the caption states them; strict: all, and exactly one object found. color,
+  where the caption states them; strict: all, and exactly one object found; csp: all but the
+  size (colour, shape, and cell where stated: issue 14's criterion). color,
   shape: some found object has that colour (shape); size: some found object has the
   stated size, over captions that state it; cell: the stated cell holds an object, over
   captions that state it; exactly_one: exactly one object found. Counts: n, n_size,
@@ -371,13 +372,14 @@ def single_object_adherence(pred: dict, attrs: dict) -> dict[str, float]:
   color, shape, size, cell = a["color"][:, 0], a["shape"][:, 0], a["size"][:, 0], a["cell"][:, 0]
   size_stated, cell_stated = a["size_stated"][:, 0], a["cell_stated"][:, 0]
   match = _found(p, "color", color) & (p["shape"] == shape[:, None])
-  match &= ~size_stated[:, None] | (p["size"] == size[:, None])
   match &= ~cell_stated[:, None] | (np.arange(NUM_CELLS) == cell[:, None])
+  csp_ok = match.any(-1)
+  match &= ~size_stated[:, None] | (p["size"] == size[:, None])
   all_ok = match.any(-1)
   exactly_one = p["present"].sum(-1) == 1
   in_cell = np.take_along_axis(p["present"], np.maximum(cell, 0)[:, None], -1)[:, 0]
   return dict(
-      all=_rate(all_ok), strict=_rate(all_ok & exactly_one),
+      all=_rate(all_ok), strict=_rate(all_ok & exactly_one), csp=_rate(csp_ok),
       color=_rate(_found(p, "color", color).any(-1)),
       shape=_rate(_found(p, "shape", shape).any(-1)),
       size=_rate(_found(p, "size", size).any(-1)[size_stated]),
