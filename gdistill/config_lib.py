@@ -81,6 +81,8 @@ def base_config():
   # attention_impl: '' (XLA) | 'cudnn' | 'reference' (jax.nn.dot_product_attention).
   # student_parametrization: what the w-conditioned students predict ('' = parametrization;
   # the same output channels, so they still start from the teacher's weights).
+  # addition_embed_type: '' or 'text' (diffusers' TextTimeEmbedding: the caption pooled by
+  # attention, addition_embed_type_num_heads heads, and added to the timestep embedding).
   c.model = dict(name="unet", conditioning="label", ch=64, ch_mult=(1, 2), num_res_blocks=2,
                  attn_resolutions=(4,), head_dim=32, dropout=0.1, num_groups=32,
                  resblock_updown=True, remat=False, num_classes=10, channels=1, image_size=8,

@@ -4,7 +4,8 @@ Module and parameter names mirror diffusers' state dict so a checkpoint loads by
 a torch `down_blocks.0.resnets.1.conv1.weight` [O, I, kh, kw] is our
 `down_blocks_0/resnets_1/conv1/kernel` [kh, kw, I, O]; Linear weights [O, I] are Dense kernels
 [I, O]; GroupNorm / LayerNorm `weight` is `scale`. The computation follows diffusers' default path
-(resnet_time_scale_shift 'default', GEGLU feed-forward, no class / addition embeddings).
+(resnet_time_scale_shift 'default', GEGLU feed-forward, no class embedding; of the addition
+embeddings only 'text', the caption pooled into the timestep embedding, when asked).
 
 Inputs: sample [B, H, W, C], timesteps [B] (fractional allowed), encoder_hidden_states [B, L, D],
 optional timestep_cond [B, time_cond_proj_dim] (e.g. a guidance-scale embedding, Meng et al.).
