@@ -51,7 +51,7 @@ def get_config(arg: str = ""):
                           clip_x=False, p_uncond=0.1, w_min=0.0, w_max=6.0))
   c.autoencoder.update(dict(num_steps=2000, batch_size=16, lr=6e-3, warmup_steps=50,
                             schedule="cosine"))
-  c.teacher.update(dict(num_steps=8000, batch_size=64, lr=1e-3, warmup_steps=200,
+  c.teacher.update(dict(num_steps=8000, batch_size=64, lr=2e-3, warmup_steps=200,
                         schedule="cosine", ema_decay=0.999))
   c.guided.update(dict(num_steps=1200, batch_size=64, lr=3e-4, ema_decay=0.995))
   c.progressive.update(dict(num_steps=400, batch_size=64, lr=2e-4, start_steps=16,
