@@ -71,8 +71,8 @@ def _validate_sd_unet(c):
   _need(m.addition_embed_type in ("", "text"), "model.addition_embed_type",
         m.addition_embed_type, "'' (none, SD 1.x / 2.x) or 'text' (diffusers' TextTimeEmbedding: "
         "the caption pooled into the timestep embedding)")
-  _need(m.addition_embed_type_num_heads >= 1
-        and t.hidden_size % m.addition_embed_type_num_heads == 0,
+  _need(not m.addition_embed_type or (m.addition_embed_type_num_heads >= 1
+        and t.hidden_size % m.addition_embed_type_num_heads == 0),
         "model.addition_embed_type_num_heads", m.addition_embed_type_num_heads,
         f"must divide text.hidden_size ({t.hidden_size})")
   _need(t.max_length >= 2 and t.hidden_size % t.num_attention_heads == 0, "text",
