@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gdistill.models import layers
-from gdistill.models.attention import Attention
+from gdistill.models.attention import Attention, dot_product_attention
 
 Dtype = Any
 IntOrTuple = Union[int, Sequence[int]]
@@ -130,10 +130,8 @@ class AttentionPooling(nn.Module):
     q = heads(layers.dense(d, name="q_proj", **kw)(cls))
     k = heads(layers.dense(d, name="k_proj", **kw)(x))
     v = heads(layers.dense(d, name="v_proj", **kw)(x))
-    scale = (d // self.num_heads) ** -0.25
-    weight = jax.nn.softmax(jnp.einsum("bqhc,bkhc->bhqk", q * scale, k * scale)
-                            .astype(jnp.float32), axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhc->bqhc", weight, v).reshape(b, d)
+    # diffusers scales q and k by head_dim ** -0.25 each: the usual 1 / sqrt(head_dim).
+    return dot_product_attention(q, k, v, implementation="reference").reshape(b, d)
 
 
 class TextTimeEmbedding(nn.Module):
