@@ -54,6 +54,9 @@ def get_config(arg: str = ""):
   c.teacher.update(dict(num_steps=8000, batch_size=64, lr=2e-3, warmup_steps=200,
                         schedule="cosine", ema_decay=0.999))
   c.guided.update(dict(num_steps=1200, batch_size=64, lr=3e-4, ema_decay=0.995))
+  # N0 = 16 keeps the pipeline in its budget. Editing students that run in <= 1/10 of the
+  # teacher's time want N0 = 64 (--config.progressive.start_steps=64, two more rounds; at
+  # strength 0.6 a 16-step teacher runs 9 guided steps): docs/EDITING.md.
   c.progressive.update(dict(num_steps=400, batch_size=64, lr=2e-4, start_steps=16,
                             end_steps=1))
   c.checkpoint.every_steps = 500
