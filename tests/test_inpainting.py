@@ -158,6 +158,9 @@ def inpaint_workdir(tmp_path_factory):
   return wd, c
 
 
+# The chain's smoke run costs ~4 min of one worker (setup 220 s on 2026-12-02); out of the
+# default run to keep .ci/run under 15 minutes: `python -m pytest -m slow tests/test_inpainting.py`.
+@pytest.mark.slow
 def test_the_inpainting_chain_end_to_end(inpaint_workdir, tmp_path):
   """configs/shapes.py:inpaint on tiny models: every denoising stage is a 9-channel
   inpainting model; the student inpaints from the mask and masked image alone (a zero mask
@@ -193,6 +196,7 @@ def test_the_inpainting_chain_end_to_end(inpaint_workdir, tmp_path):
       assert {(stage, task, "model"), (stage, task, "replacement")} <= got
 
 
+@pytest.mark.slow  # the same fixture as above
 def test_an_exported_inpainting_student_inpaints_alike_in_diffusers(inpaint_workdir, tmp_path):
   """python -m gdistill.export of the chain's student writes a StableDiffusionInpaintPipeline
   (U-Net in_channels 9) that inpaints as gdistill does (<= 1e-3)."""
