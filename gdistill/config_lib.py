@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 
 def train_section(*, num_steps, batch_size, lr, warmup_steps=0, schedule="constant",
                   grad_clip=1.0, ema_decay=0.0, dropout=None, b1=0.9, b2=0.999,
-                  max_nonfinite=10, weighting="", grad_accum=1):
+                  max_nonfinite=10, weighting="", grad_accum=1, w_power=0.0):
   """One stage's training settings (teacher, guided or each progressive round).
 
   grad_accum: k micro-batches of batch_size / k per optimizer step (gradient accumulation,
@@ -32,6 +32,12 @@ def train_section(*, num_steps, batch_size, lr, warmup_steps=0, schedule="consta
 
   weighting: the loss weighting of this stage's x-loss ('' = diffusion.weighting), e.g. an
   epsilon-MSE teacher ('snr') distilled with the truncated-SNR weighting ('snr_trunc').
+
+  w_power (stages of w-conditioned students): each example's loss is weighted by
+  (1 + w)^-w_power, w its sampled guidance strength. 0 is the paper's plain mean over
+  w ~ U[w_min, w_max]. The guided target (1 + w) x_c - w x_u grows with w and so does the
+  student's error: at p = 0 the largest w make most of the loss and the small ones (w = 0, the
+  conditional model) are fitted least (docs/TEXT_TO_IMAGE.md).
   """
   return ml_collections.ConfigDict(dict(
       num_steps=num_steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
@@ -39,7 +45,7 @@ def train_section(*, num_steps, batch_size, lr, warmup_steps=0, schedule="consta
       # None: the model's own dropout; progressive rounds default to 0.
       dropout=ml_collections.FieldReference(dropout, field_type=float),
       b1=b1, b2=b2, max_nonfinite=max_nonfinite, weighting=weighting,
-      grad_accum=grad_accum))
+      grad_accum=grad_accum, w_power=w_power))
 
 
 def default_logical_axis_rules():

@@ -147,6 +147,10 @@ def validate(c, *, num_devices: int, num_processes: int = 1, dataset_info=None):
   for name in ("teacher", "guided", "progressive"):
     _need(c[name].weighting in ("",) + diffusion.WEIGHTINGS, f"{name}.weighting",
           c[name].weighting, f"'' (diffusion.weighting) or one of {diffusion.WEIGHTINGS}")
+  for name in ("guided", "progressive"):
+    _need(isinstance(c[name].w_power, (int, float)) and not isinstance(c[name].w_power, bool)
+          and c[name].w_power >= 0, f"{name}.w_power", c[name].w_power,
+          "a number >= 0 (0: the paper's unweighted mean over w)")
   sp = m.student_parametrization
   same_width = tuple(p for p in diffusion.PARAMETRIZATIONS if p != "both")
   _need(sp == "" or (sp in same_width and m.parametrization in same_width)

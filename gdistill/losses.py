@@ -63,8 +63,15 @@ def teacher_loss(student: Denoiser, dcfg, weighting: str) -> Callable:
   return loss_fn
 
 
-def guided_loss(student: Denoiser, teacher: Denoiser, dcfg, weighting: str) -> Callable:
-  """Stage one: the w-conditioned student matches the guided teacher at w ~ U[w_min, w_max]."""
+def w_weight(w, w_power: float):
+  """Each example's weight (1 + w)^-w_power in a w-conditioned student's loss (1 at p = 0)."""
+  return jnp.power(1.0 + w, -float(w_power)) if w_power else jnp.ones_like(w)
+
+
+def guided_loss(student: Denoiser, teacher: Denoiser, dcfg, weighting: str,
+                w_power: float = 0.0) -> Callable:
+  """Stage one: the w-conditioned student matches the guided teacher at w ~ U[w_min, w_max],
+  each example weighted by (1 + w)^-w_power."""
   sched = _schedule(dcfg)
 
   def loss_fn(params, teacher_params, batch, rng):
@@ -78,7 +85,7 @@ def guided_loss(student: Denoiser, teacher: Denoiser, dcfg, weighting: str) -> C
     target = jax.lax.stop_gradient(teacher.guided_x_pred(teacher_params, z, logsnr, cond, w))
     x_pred = student.x_pred(params, z, logsnr, cond, w, train=True,
                             rngs={"dropout": r_dropout})
-    per_ex = diffusion.weighted_x_loss(x_pred, target, logsnr, weighting)
+    per_ex = diffusion.weighted_x_loss(x_pred, target, logsnr, weighting) * w_weight(w, w_power)
     return jnp.mean(per_ex), {"x_mse": jnp.mean(jnp.square(x_pred - target))}
   return loss_fn
 
@@ -97,8 +104,9 @@ def progressive_target(teacher_x: Callable, z_t, logsnr_t, logsnr_t1, logsnr_t2,
 
 
 def progressive_loss(student: Denoiser, teacher: Denoiser, dcfg, clip_x: bool,
-                     weighting: str) -> Callable:
-  """Stage two round: the N-step student matches two DDIM steps of the 2N-step teacher.
+                     weighting: str, w_power: float = 0.0) -> Callable:
+  """Stage two round: the N-step student matches two DDIM steps of the 2N-step teacher (each
+  example weighted by (1 + w)^-w_power).
 
   N = batch['student_steps'] is traced (an int32 scalar), so every round shares one compile.
   """
@@ -122,7 +130,7 @@ def progressive_loss(student: Denoiser, teacher: Denoiser, dcfg, clip_x: bool,
 
     target = jax.lax.stop_gradient(progressive_target(teacher_x, z_t, lt, lt1, lt2, i == 0))
     x_pred = student.x_pred(params, z_t, lt, cond, w, train=True, rngs={"dropout": r_dropout})
-    per_ex = diffusion.weighted_x_loss(x_pred, target, lt, weighting)
+    per_ex = diffusion.weighted_x_loss(x_pred, target, lt, weighting) * w_weight(w, w_power)
     return jnp.mean(per_ex), {"x_mse": jnp.mean(jnp.square(x_pred - target))}
   return loss_fn
 
@@ -136,8 +144,9 @@ def make_loss(kind: str, *, student, teacher: Denoiser | None, config) -> Callab
   if kind == "teacher":
     return teacher_loss(student, dcfg, weighting)
   if kind == "guided":
-    return guided_loss(student, teacher, dcfg, weighting)
+    return guided_loss(student, teacher, dcfg, weighting, config.guided.w_power)
   if kind == "progressive":
-    return progressive_loss(student, teacher, dcfg, bool(dcfg.clip_x), weighting)
+    return progressive_loss(student, teacher, dcfg, bool(dcfg.clip_x), weighting,
+                            config.progressive.w_power)
   raise ValueError(f"unknown stage kind {kind!r}; valid: autoencoder, teacher, guided, "
                    "progressive")

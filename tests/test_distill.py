@@ -98,6 +98,17 @@ def test_stage_one_loss_is_zero_at_step_zero_when_w_is_zero(tmp_path):
   loss4, _ = jax.jit(loss_fn)(state["params"], s.teacher_params,
                               {k: jnp.asarray(v) for k, v in batch.items()}, jax.random.key(0))
   assert float(loss4) > 1e-6
+  # guided.w_power weights each example by (1 + w)^-p: at w = 4 exactly, 1/25 of the loss.
+  c.diffusion.w_min = 4.0
+  losses_by_p = []
+  for p in (0.0, 2.0):
+    c.guided.w_power = p
+    loss_fn = losses.make_loss("guided", student=s.student, teacher=s.teacher, config=c)
+    lp, _ = jax.jit(loss_fn)(state["params"], s.teacher_params,
+                             {k: jnp.asarray(v) for k, v in batch.items()}, jax.random.key(0))
+    losses_by_p.append(float(lp))
+  assert losses_by_p[0] > 1e-6
+  np.testing.assert_allclose(losses_by_p[1], losses_by_p[0] / 25.0, rtol=1e-5)
 
 
 def _energy_distance(a, b):
