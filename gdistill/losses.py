@@ -65,7 +65,7 @@ def teacher_loss(student: Denoiser, dcfg, weighting: str) -> Callable:
 
 def w_weight(w, w_power: float):
   """Each example's weight (1 + w)^-w_power in a w-conditioned student's loss (1 at p = 0)."""
-  return jnp.power(1.0 + w, -float(w_power)) if w_power else jnp.ones_like(w)
+  return jnp.power(1.0 + w, -float(w_power))
 
 
 def guided_loss(student: Denoiser, teacher: Denoiser, dcfg, weighting: str,
