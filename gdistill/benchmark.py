@@ -39,6 +39,7 @@ from gdistill import (conditioning, config_validation, flops, losses, paths, run
 from gdistill.benchmark_loader import LOADER_MODES, StepCase, bench_loader, loader_markdown
 from gdistill.benchmark_report import markdown, write
 from gdistill.denoiser import student_params_from_teacher
+from gdistill import plan as plan_lib
 from gdistill.plan import Stage
 
 __all__ = ["KINDS", "LOADER_MODES", "bench_loader", "loader_markdown", "main", "markdown",
@@ -225,7 +226,7 @@ def _check_fits(mem: dict, batch: int, limit: int) -> None:
 def prepare_step(config, kind: str, mesh, *, memory_limit: int = 0) -> StepCase:
   """Builds, compiles and runs once (out-of-memory shows here) the train step of `kind`."""
   stage = _stage(config, kind)
-  section = config[stage.section]
+  section = plan_lib.section(config, stage)
   batch_size = int(section.batch_size)
   s = setup(config, stage, mesh)
   state = random_state(s)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gdistill import config_lib, config_validation, losses, paths, sharding, train
+from gdistill import plan as plan_lib
 from gdistill.plan import Stage, make_plan
 
 MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
@@ -75,7 +76,7 @@ def stages_to_check(config) -> list[Stage]:
 def compile_stage(config, stage: Stage, mesh) -> dict:
   """Lowers and compiles the stage's train step on abstract inputs; its memory report."""
   s = abstract_setup(config, stage, mesh)
-  section = config[stage.section]
+  section = plan_lib.section(config, stage)
   loss_fn = losses.make_loss(stage.kind, student=s.student, teacher=s.teacher,
                              config=config)
   step = train.make_train_step(loss_fn, s, section, mesh)

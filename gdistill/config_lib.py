@@ -139,6 +139,9 @@ def base_config():
                                 ema_decay=0.0, dropout=0.0)
   c.progressive.start_steps = 64   # N0: the first round's teacher samples in N0 steps
   c.progressive.end_steps = 1
+  # round_steps: ((N, steps), ...) trains the round whose student samples in N steps for that
+  # many steps instead of num_steps (the hard rounds are the last ones: docs/TEXT_TO_IMAGE.md).
+  c.progressive.round_steps = ()
   c.mesh = dict(data=-1, fsdp=1)   # -1: all remaining devices
   # --mode=compile: with device_memory_gib > 0 the report also proposes mesh.fsdp and each
   # stage's grad_accum for devices of that memory (gdistill/compile_check.py propose).

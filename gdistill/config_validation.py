@@ -188,6 +188,15 @@ def validate(c, *, num_devices: int, num_processes: int = 1, dataset_info=None):
         "must be a power of two (e.g. 1)")
   _need(p.end_steps < p.start_steps, "progressive.end_steps", p.end_steps,
         f"must be < progressive.start_steps={p.start_steps}")
+  rounds = [n for n in (p.start_steps // 2 ** k for k in range(1, 64)) if n >= p.end_steps]
+  rs = p.get("round_steps", ())
+  _need(isinstance(rs, (tuple, list)) and all(
+      isinstance(e, (tuple, list)) and len(e) == 2
+      and all(isinstance(v, int) and not isinstance(v, bool) for v in e)
+      and e[0] in rounds and e[1] >= 1 for e in rs)
+        and len({e[0] for e in rs}) == len(rs), "progressive.round_steps", rs,
+        f"pairs (N, steps), N one of this plan's rounds {tuple(rounds)} at most once and "
+        "steps >= 1, e.g. '((2, 800),)'")
   sections = (("autoencoder",) * plan_lib.trains_autoencoder(c)
               + ("teacher", "guided", "progressive"))
   for name in sections:

@@ -15,6 +15,7 @@ import time
 from typing import Optional
 
 from gdistill import config_lib, schedules
+from gdistill import plan as plan_lib
 from gdistill.plan import Stage
 
 FORMAT_VERSION = 1
@@ -100,7 +101,9 @@ def check_parent(stage: Stage, config, parent: dict, parent_path: str) -> None:
 
 
 # ------------------------------------------------------------------------------------ resuming
-_NOT_HYPERPARAMETERS = ("max_nonfinite",)  # a guard, not part of the update rule
+# max_nonfinite: a guard, not part of the update rule; round_steps: what it changes for a round
+# is that round's num_steps, recorded as such.
+_NOT_HYPERPARAMETERS = ("max_nonfinite", "round_steps")
 
 
 def resume_record(config, stage: Stage) -> dict:
@@ -109,7 +112,7 @@ def resume_record(config, stage: Stage) -> dict:
   resume. num_steps counts only where the learning-rate schedule depends on it (not for
   'constant'), so a constant-schedule stage may be extended. The architecture is not here: a
   different one fails the strict restore anyway."""
-  section = config[stage.section]
+  section = plan_lib.section(config, stage)
   out = {f"{stage.section}.{k}": v for k, v in section.to_dict().items()
          if k not in _NOT_HYPERPARAMETERS}
   if section.schedule == "constant":

@@ -73,6 +73,26 @@ def progressive_rounds(start_steps: int, end_steps: int, first_parent: Optional[
   return rounds
 
 
+def round_steps(config) -> dict[int, int]:
+  """progressive.round_steps as {N: training steps} (the rounds it names; the others train
+  progressive.num_steps)."""
+  return {int(n): int(k) for n, k in config.progressive.get("round_steps", ())}
+
+
+def section(config, stage: Stage):
+  """The stage's training settings: config[stage.section], except that a progressive round
+  named in progressive.round_steps trains that many steps (its learning-rate schedule, ETA
+  and resume record follow). Every consumer of a stage's settings reads them here."""
+  s = config[stage.section]
+  n = round_steps(config).get(stage.student_steps) if stage.kind == "progressive" else None
+  if n is None or n == int(s.num_steps):
+    return s
+  out = s.copy_and_resolve_references()
+  out.unlock()
+  out.num_steps = n
+  return out
+
+
 def trains_autoencoder(config) -> bool:
   """Whether a pipeline of this config trains its own autoencoder: a latent model
   (config.vae.enabled) without an autoencoder export to start from (config.vae.init_from)."""

@@ -25,6 +25,7 @@ from gdistill import autoencoding, conditioning, config_lib, lineage, optim, pat
 from gdistill import checkpoint as ckpt_lib
 from gdistill import sharding
 from gdistill.denoiser import Denoiser, build_denoiser, student_params_from_teacher
+from gdistill import plan as plan_lib
 from gdistill.plan import Stage
 
 
@@ -88,7 +89,7 @@ def student_model(config, stage: Stage):
     return autoencoding.build(config.vae, data_shape(config),
                               param_dtype=config.model.param_dtype)
   return denoiser_for(config, w_embedding=stage.w_conditioned,
-                      dropout=config[stage.section].dropout)
+                      dropout=plan_lib.section(config, stage).dropout)
 
 
 def teacher_model(config, stage: Stage) -> Optional[Denoiser]:
@@ -145,7 +146,7 @@ def setup_stage(config, workdir: str, stage: Stage, mesh, *,
   abstract_parent: the parent's parameters as sharded ShapeDtypeStructs and no file read
   (--mode=compile lowers the step without any export).
   """
-  section = config[stage.section]
+  section = plan_lib.section(config, stage)
   student = student_model(config, stage)
   teacher = teacher_model(config, stage)
   shape = model_shape(config, stage)

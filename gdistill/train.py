@@ -21,6 +21,7 @@ import optax
 from gdistill import autoencoding, conditioning, config_lib, data, dashboard, lineage, losses
 from gdistill import inpainting, optim, preemption, previews, sharding
 from gdistill import checkpoint as ckpt_lib
+from gdistill import plan as plan_lib
 from gdistill.plan import Stage
 from gdistill.stage_setup import (StageSetup, data_shape, example_shape, export_dir,  # noqa: F401
                                   init_state, is_finished, setup_stage, stage_dir, stage_seed)
@@ -205,7 +206,7 @@ def run_stage(config, workdir: str, stage: Stage, mesh, programs: Optional[dict]
     if jax.process_index() == 0:
       print(f"[{stage.name}] finished earlier ({meta['train_steps']} steps): {edir}", flush=True)
     return meta
-  section = config[stage.section]
+  section = plan_lib.section(config, stage)
   total = int(section.num_steps)
   t_start = time.time()
   t_first = None
@@ -230,7 +231,7 @@ def run_stage(config, workdir: str, stage: Stage, mesh, programs: Optional[dict]
   scalars = step_scalars(mesh, stage.student_steps or 0, seed)
   tokenizer = conditioning.tokenizer_for(config)
   programs = {} if programs is None else programs
-  key = (stage.kind, stage.section)
+  key = (stage.kind, stage.section, total)  # the lr schedule depends on num_steps
   if key not in programs:
     loss_fn = losses.make_loss(stage.kind, student=s.student, teacher=s.teacher,
                                config=config)

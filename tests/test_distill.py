@@ -1,4 +1,5 @@
 """Guided distillation: plan, lineage refusals, stage one at init, toy2d quality, kill/resume."""
+import json
 import os
 import re
 import signal
@@ -115,6 +116,29 @@ def _energy_distance(a, b):
   def mean_dist(x, y):
     return np.mean(np.linalg.norm(x[:, None, :] - y[None, :, :], axis=-1))
   return 2 * mean_dist(a, b) - mean_dist(a, a) - mean_dist(b, b)
+
+
+def test_round_steps_give_a_round_its_own_length_and_learning_rate_schedule(tmp_path):
+  """progressive.round_steps: round 8 trains 30 steps, round 4 the section's 20, each with its
+  own linear decay to 0 (the rounds share one compiled step only when their lengths agree)."""
+  import importlib
+  c = importlib.import_module("configs.toy2d").get_config("test")
+  c.teacher.num_steps, c.guided.num_steps, c.progressive.num_steps = 20, 10, 20
+  c.progressive.round_steps = ((8, 30),)
+  c.eval.enabled = False
+  wd = str(tmp_path / "toy")
+  driver.train_and_evaluate(c, wd, devices=jax.devices()[:1])
+  p = {s.name: s for s in plan.make_plan(c)}
+  for name, steps in (("progressive_8", 30), ("progressive_4", 20)):
+    assert plan.section(c, p[name]).num_steps == steps
+    assert lineage.resume_record(c, p[name])["progressive.num_steps"] == steps
+    assert util.load_export(train.export_dir(wd, name))[1]["train_steps"] == steps
+    with open(os.path.join(wd, name, "metrics.jsonl")) as f:
+      rows = [r for r in map(json.loads, f) if "lr" in r]
+    last = max(rows, key=lambda r: r["step"])
+    # The logged lr is the schedule at the step's start: lr / steps at the last of `steps`.
+    assert last["step"] == steps, (name, last)
+    np.testing.assert_allclose(last["lr"], c.progressive.lr / steps, rtol=1e-5)
 
 
 @pytest.mark.slow  # a quality check (~1 min); the digits README run covers the pipeline
