@@ -62,8 +62,9 @@ def get_config(arg: str = ""):
   # teacher's time want N0 = 64 (--config.progressive.start_steps=64, two more rounds; at
   # strength 0.6 a 16-step teacher runs 9 guided steps): docs/EDITING.md.
   # The round to 2 steps trains 800 steps (round_steps): it is where the students lost two-object
-  # adherence; 400 -> 800 there took its gaps to the teacher at w = 1 / 3 / 5 from -8.2 / -7.3 /
-  # -6.5 to -5.2 / -4.0 / -3.8 points (docs/TEXT_TO_IMAGE.md, "Steps per round").
+  # adherence; 400 -> 800 there took its gaps to the teacher at w = 1 / 3 / 5 from -8.5 / -8.0 /
+  # -7.5 to -5.6 / -4.9 / -4.8 points, 4 evaluation seeds (docs/TEXT_TO_IMAGE.md, "Steps per
+  # round"); at w = 0 it stays ~-10.
   c.progressive.update(dict(num_steps=400, batch_size=64, lr=2e-4, start_steps=16,
                             end_steps=1, w_power=2.0, round_steps=((2, 800),)))
   c.checkpoint.every_steps = 500
