@@ -188,7 +188,8 @@ def validate(c, *, num_devices: int, num_processes: int = 1, dataset_info=None):
         "must be a power of two (e.g. 1)")
   _need(p.end_steps < p.start_steps, "progressive.end_steps", p.end_steps,
         f"must be < progressive.start_steps={p.start_steps}")
-  rounds = [n for n in (p.start_steps // 2 ** k for k in range(1, 64)) if n >= p.end_steps]
+  rounds = [r.student_steps for r in plan_lib.progressive_rounds(p.start_steps, p.end_steps,
+                                                                  None)]
   rs = p.get("round_steps", ())
   _need(isinstance(rs, (tuple, list)) and all(
       isinstance(e, (tuple, list)) and len(e) == 2
