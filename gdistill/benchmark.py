@@ -437,6 +437,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  xla_cpu = runtime.configure_xla_cpu()  # before any backend starts
   from gdistill import console
   console.capture(paths.resolve(FLAGS.out or os.environ.get("OUT") or "."), "benchmark")
   runtime.enable_compilation_cache(FLAGS.compilation_cache)
@@ -448,6 +449,7 @@ def main(argv):
                batch_sizes=tuple(int(b) for b in FLAGS.batch_sizes.split(",") if b),
                reference_img_s=FLAGS.reference_img_s, memory_limit=FLAGS.memory_limit_bytes,
                loader_rounds=FLAGS.loader_rounds)
+  result.update(xla_cpu_flags=xla_cpu, xla_flags=os.environ.get("XLA_FLAGS", ""))
   print(markdown(result), flush=True)
   path = write(result, FLAGS.out or os.environ.get("OUT") or ".")
   print(f"wrote {path}", flush=True)

@@ -32,6 +32,9 @@ def markdown(result: dict) -> str:
   lines.append(f"{result['devices']} x {result['device_kind']}, compute dtype {result['dtype']}; "
                f"peak {result['peak_flops_per_device'] / 1e12:.3f} TFLOP/s per device "
                f"({result['peak_source']}).")
+  if "xla_cpu_flags" in result:
+    lines.append(f"gdistill's XLA CPU flags (gdistill/runtime.py): {result['xla_cpu_flags']}; "
+                 f"XLA_FLAGS={result.get('xla_flags', '')!r}.")
   for k, v in result["step_time_ratios"].items():
     lines.append(f"{k.replace('_', ' ')} (time per image): {v:.2f}x")
   if "reference" in result:

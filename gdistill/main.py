@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -70,7 +70,9 @@ def main(argv):
 
 
 def _run(workdir: str) -> None:
-  from gdistill import console, distributed
+  from gdistill import console, distributed, runtime
+  xla_cpu = runtime.configure_xla_cpu()  # before any backend starts
+  logging.info("gdistill XLA CPU flags: %s", xla_cpu)
   try:
     launch = distributed.detect(coordinator_address=FLAGS.coordinator_address,
                                 num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
@@ -81,7 +83,7 @@ def _run(workdir: str) -> None:
   distributed.initialize(launch, heartbeat_timeout_s=FLAGS.heartbeat_timeout_s,
                          initialization_timeout_s=FLAGS.initialization_timeout_s,
                          local_device_count=FLAGS.local_device_count)
-  from gdistill import checkpoint, config_lib, driver, lineage, preemption, runtime, train
+  from gdistill import checkpoint, config_lib, driver, lineage, preemption, train
   config = config_lib.resolve_paths(FLAGS.config)
   cache_ok = distributed.persistent_cache_safe(launch)
   if cache_ok:

@@ -7,6 +7,10 @@ os.environ.setdefault("XLA_FLAGS", xla_env.xla_flags(8))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
+from gdistill import runtime  # noqa: E402  (imports no JAX)
+
+runtime.configure_xla_cpu()  # the XLA CPU flags of a user's run (gdistill.main applies them)
+
 import jax  # noqa: E402
 
 jax.config.update("jax_platforms", "cpu")

@@ -396,6 +396,56 @@ def test_tensorflow_kept_off_accelerators_and_xla_cores():
   assert r["env"] == ["1", "2"]
 
 
+def test_xla_cpu_flags_are_added_before_jax_starts_and_yield_to_the_user():
+  """runtime.configure_xla_cpu (gdistill.main, the benchmark, gdistill.load and the tests call
+  it first): in a fresh process it adds its XLA_FLAGS entry, which this jaxlib accepts and
+  which takes convolutions away from YNNPACK (no ynn fusion in the compiled conv; XLA's default
+  makes one, which is what the flag is for); it keeps a user's own entry, is off with
+  GDISTILL_XLA_CPU_DEFAULTS=0 or on a jaxlib it was not measured on, and does nothing once
+  JAX's backends have started."""
+  code = textwrap.dedent("""
+      import importlib.metadata, json, os, sys
+      from gdistill import runtime
+      mode = sys.argv[1]
+      if mode == "other_jaxlib":
+        importlib.metadata.version = lambda name: "99.0.0"
+      said = runtime.configure_xla_cpu()
+      flags = os.environ.get("XLA_FLAGS", "")
+      import jax, jax.numpy as jnp
+      conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
+                                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      x, k = jnp.ones((8, 8, 8, 16)), jnp.ones((3, 3, 16, 32))
+      hlo = jax.jit(conv).lower(x, k).compile().as_text()
+      value = float(jax.jit(conv)(x, k)[0, 4, 4, 0])
+      print(json.dumps({"said": said, "flags": flags, "ynn_conv": "ynn_fusion" in hlo,
+                        "value": value, "late": runtime.configure_xla_cpu()}))
+      """)
+
+  def run(mode, **env):
+    e = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GDISTILL_XLA_CPU_DEFAULTS")}
+    e.update(env, TF_CPP_MIN_LOG_LEVEL="3")
+    p = subprocess.run([sys.executable, "-c", code, mode], cwd=util.ROOT, env=e,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+  flag = "--xla_cpu_experimental_ynn_fusion_type="
+  on = run("default", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  if not on["said"].startswith("on"):
+    pytest.skip(f"gdistill's XLA CPU flags do not apply to this jaxlib: {on['said']}")
+  assert on["flags"] == ("--xla_force_host_platform_device_count=2 "
+                         + flag + "individual_dot"), on
+  assert not on["ynn_conv"] and on["value"] == 9 * 16        # XLA's own kernel, same result
+  assert on["late"] == "off (JAX's backends had already started)"
+  default = run("default", GDISTILL_XLA_CPU_DEFAULTS="0")
+  assert default["flags"] == "" and default["said"].startswith("off") and default["ynn_conv"]
+  assert default["value"] == on["value"]
+  mine = run("default", XLA_FLAGS=flag)                      # the user's entry (no fusions)
+  assert mine["flags"] == flag and mine["said"].startswith("kept") and not mine["ynn_conv"]
+  other = run("other_jaxlib")
+  assert other["flags"] == "" and "not 99.0.0" in other["said"]
+
+
 def test_data_fast_path_keys_are_validated():
   for key, bad in (("data.tf_intra_op_threads", -1), ("data.tf_inter_op_threads", -2)):
     c = util.quick_config(**{key: bad})
