@@ -74,6 +74,15 @@ def plan_rows(config, stages: list[str]) -> list[Row]:
   return rows
 
 
+def missing_stages(config, stages: list[str]) -> list[str]:
+  """The stages whose rows the table asks for (the teacher, stage one, progressive_N for N in
+  eval.steps below N0) that have no finished export among `stages`: their rows are left out."""
+  n0 = int(config.progressive.start_steps)
+  wanted = ["teacher", "guided"] + [f"progressive_{int(n)}" for n in sorted(set(config.eval.steps))
+                                    if int(n) < n0]
+  return [s for s in wanted if s not in stages]
+
+
 def evaluate_workdir(config, workdir: str) -> dict:
   """Runs the sweep over workdir's exports and writes <workdir>/eval/; returns results.json.
 
@@ -110,6 +119,11 @@ def evaluate_workdir(config, workdir: str) -> dict:
   say = (lambda msg: print(f"[evaluate] {msg}", flush=True)) if primary else (lambda msg: None)
   say(f"{len(rows)} rows x {len(ws)} w = {total} results, {len(cond)} samples each "
       f"(set-up {setup_s:.1f} s)")
+  missing = missing_stages(config, stages)
+  if missing:
+    say(f"no rows for {', '.join(missing)}: no finished export in {workdir} (still training, "
+        f"or not in this plan; eval.steps={tuple(int(n) for n in config.eval.steps)}). Rerun "
+        f"--mode=evaluate once they have finished to add their rows.")
   for row in rows:
     hits = [cached.get(_row_key(row, w)) for w in ws]
     if all(hits):  # finished before an interruption: same models, same request

@@ -232,6 +232,22 @@ def test_evaluate_writes_the_table_plots_and_tensorboard(workdir):
   assert task.name == "class" and len(task.cond) == c.eval.num_samples
 
 
+def test_evaluate_names_the_stages_it_has_no_export_for(workdir, tmp_path, capsys):
+  """A workdir whose last round has not finished yet: the table leaves its rows out and the
+  console says so, naming the stage (it used to drop them without a word)."""
+  wd, c = workdir
+  assert evaluate.missing_stages(c, STAGES) == []
+  assert evaluate.missing_stages(c, ["teacher", "guided", "progressive_2"]) == ["progressive_1"]
+  partial = str(tmp_path / "partial")
+  shutil.copytree(wd, partial, ignore=shutil.ignore_patterns("eval", "progressive_1"))
+  c2 = c.copy_and_resolve_references()
+  c2.eval.edits = False
+  out = evaluate.evaluate_workdir(c2, partial)
+  assert {r["stage"] for r in out["rows"]} == {"teacher", "guided", "progressive_2"}
+  said = capsys.readouterr().out
+  assert f"no rows for progressive_1: no finished export in {partial}" in said
+
+
 def test_inception_dataset_without_weights_fails_before_sampling(workdir, monkeypatch, tmp_path):
   wd, c = workdir
   c = c.copy_and_resolve_references()
