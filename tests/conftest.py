@@ -7,9 +7,15 @@ os.environ.setdefault("XLA_FLAGS", xla_env.xla_flags(8))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
-from gdistill import runtime  # noqa: E402  (imports no JAX)
-
-runtime.configure_xla_cpu()  # the XLA CPU flags of a user's run (gdistill.main applies them)
+# gdistill's XLA CPU flags (gdistill/runtime.py) make the test processes slower: at
+# --xla_backend_optimization_level=0 XLA's own convolution kernels are unoptimized, YNNPACK's
+# are prebuilt (tests/test_text_to_image.py: 446 s with them, 348 s without). Off with
+# FAST_COMPILE (subprocesses inherit it); their own test strips the variable.
+if xla_env.FAST_COMPILE:
+  os.environ.setdefault("GDISTILL_XLA_CPU_DEFAULTS", "0")
+else:
+  from gdistill import runtime  # noqa: E402  (imports no JAX)
+  runtime.configure_xla_cpu()  # the XLA CPU flags of a user's run (gdistill.main applies them)
 
 import jax  # noqa: E402
 
