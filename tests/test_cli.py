@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import util
+import xla_env
 
 # gdistill's own console lines: '[stage] ...' progress and the results table.
 OWN_LINE = re.compile(r"^(\[[a-z0-9_]+\] |\|)")
@@ -30,10 +31,11 @@ def readme_commands() -> dict:
 
 
 def user_env() -> dict:
-  """The environment of a user's shell: no test-suite device count or log settings."""
-  env = {k: v for k, v in os.environ.items()
-         if k not in ("XLA_FLAGS", "TF_CPP_MIN_LOG_LEVEL", "PYTHONUNBUFFERED")}
-  return env
+  """The environment of a user's shell: no test-suite device count, log settings, or the
+  XLA CPU flags' switch that conftest.py turns off for the fast-compiling test processes."""
+  suite = ("XLA_FLAGS", "TF_CPP_MIN_LOG_LEVEL", "PYTHONUNBUFFERED") + (
+      ("GDISTILL_XLA_CPU_DEFAULTS",) if xla_env.FAST_COMPILE else ())
+  return {k: v for k, v in os.environ.items() if k not in suite}
 
 
 def fresh_checkout(root) -> str:
