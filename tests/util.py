@@ -24,6 +24,16 @@ def quick_config(**overrides):
   return c
 
 
+def toy_config(**overrides):
+  """configs/toy2d.py:test (the MLP denoiser, whose steps compile in seconds) with dotted-key
+  overrides: for tests of mechanisms that do not depend on the network."""
+  sys.path.insert(0, ROOT)
+  from configs import toy2d
+  c = toy2d.get_config("test")
+  apply_overrides(c, overrides)
+  return c
+
+
 def apply_overrides(c, overrides):
   for k, v in overrides.items():
     node = c
