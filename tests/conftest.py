@@ -34,8 +34,9 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 # that starts last decides the wall-clock time. pytest-xdist hands out files in this order
 # only with --no-loadscope-reorder (pyproject.toml); by default it sorts them by their number
 # of tests, which started the README pipeline (test_cli.py, 4 tests) last.
-LONGEST_FIRST = ("test_text_to_image.py", "test_inpainting.py", "test_cli.py",
-                 "test_reliability.py", "test_performance.py", "test_evaluate.py")
+LONGEST_FIRST = ("test_text_to_image.py", "test_cli.py", "test_inpainting.py",
+                 "test_text_models.py", "test_reliability.py", "test_performance.py",
+                 "test_evaluate.py")
 
 
 def pytest_collection_modifyitems(items):
