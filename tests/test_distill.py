@@ -72,7 +72,7 @@ def test_init_from_wrong_parent_is_refused_before_compile(tmp_path):
 
 def test_stage_one_loss_is_zero_at_step_zero_when_w_is_zero(tmp_path):
   """Stage one starts at the conditional teacher, whatever the network: the toy2d MLP (the
-  U-Nets' student-from-teacher identity is tests/test_models.py's and test_text_to_image's)."""
+  U-Nets' student-from-teacher identity is tests/test_models.py's and test_text_models.py's)."""
   c = util.toy_config(**{"data.data_dir": str(tmp_path / "tfds"), "diffusion.w_max": 0.0,
                          "model.dropout": 0.3})
   mesh = sharding.make_mesh(c.mesh, devices=jax.devices()[:1])
