@@ -197,7 +197,7 @@ def validate(c, *, num_devices: int, num_processes: int = 1, dataset_info=None):
       and e[0] in rounds and e[1] >= 1 for e in rs)
         and len({e[0] for e in rs}) == len(rs), "progressive.round_steps", rs,
         f"pairs (N, steps), N one of this plan's rounds {tuple(rounds)} at most once and "
-        "steps >= 1, e.g. '((2, 800),)'")
+        f"steps >= 1, e.g. '(({rounds[-1] if rounds else 2}, 800),)', or '()' for none")
   sections = (("autoencoder",) * plan_lib.trains_autoencoder(c)
               + ("teacher", "guided", "progressive"))
   for name in sections:

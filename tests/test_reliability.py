@@ -34,7 +34,7 @@ BAD = [
     ({"diffusion.w_min": 5.0}, 1, 1, "diffusion.w_min=5.0", "<= diffusion.w_max=4.0"),
     ({"guided.w_power": -1.0}, 1, 1, "guided.w_power=-1.0", "a number >= 0"),
     ({"progressive.round_steps": ((3, 100),)}, 1, 1, "progressive.round_steps=((3, 100),)",
-     "rounds (4, 2, 1)"),
+     "rounds (4, 2, 1) at most once and steps >= 1, e.g. '((1, 800),)', or '()'"),
     ({"diffusion.p_uncond": 1.0}, 1, 1, "diffusion.p_uncond=1.0", "[0, 1)"),
     ({"diffusion.p_uncond": -0.1}, 1, 1, "diffusion.p_uncond=-0.1", "[0, 1)"),
     ({"teacher.batch_size": 60}, 8, 1, "teacher.batch_size=60", "divisible by the 8 devices"),
