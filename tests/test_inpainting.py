@@ -15,7 +15,6 @@ import gdistill
 from gdistill import (config_lib, config_validation, driver, editing, inpainting, lineage, plan,
                       sharding, stage_setup, train)
 import util
-from test_text_to_image import shapes_config
 
 ONE_HOT = {k: np.eye(4, dtype=np.float32)[i] for i, k in enumerate(inpainting.KINDS)}
 masks_of = jax.jit(inpainting.random_masks, static_argnums=(1, 2, 3))
@@ -75,7 +74,7 @@ def test_guidance_drops_the_text_and_keeps_the_image_block(tmp_path):
   from gdistill import conditioning
   from gdistill.denoiser import student_params_from_teacher
   import flax.linen as nn
-  c = shapes_config(tmp_path, **{"model.inpainting": True})
+  c = util.shapes_config(tmp_path, **{"model.inpainting": True})
   tok = conditioning.tokenizer_for(c, vocabulary=("a", "red", "circle"))
   teacher = stage_setup.denoiser_for(c, w_embedding=False, tokenizer=tok)
   student = stage_setup.denoiser_for(c, w_embedding=True, tokenizer=tok)
@@ -152,7 +151,7 @@ def test_bad_inpainting_settings_are_refused():
 @pytest.fixture(scope="module")
 def inpaint_workdir(tmp_path_factory):
   base = tmp_path_factory.mktemp("inpaint")
-  c = shapes_config(base / "tfds", **{"model.inpainting": True, "eval.w": (3.0,)})
+  c = util.shapes_config(base / "tfds", **{"model.inpainting": True, "eval.w": (3.0,)})
   wd = str(base / "wd")
   driver.train_and_evaluate(c, wd, devices=jax.devices()[:1])
   return wd, c

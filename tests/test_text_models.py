@@ -10,14 +10,14 @@ import pytest
 from gdistill import conditioning, stage_setup
 from gdistill.denoiser import student_params_from_teacher
 from gdistill.models.unet_cond import guidance_scale_embedding
-from test_text_to_image import shapes_config
+import util
 
 
 def test_stage_one_student_equals_the_conditional_teacher_at_init(tmp_path):
   """The w-embedding (diffusers' time_embedding.cond_proj) starts at zero, so the fresh
   student is the conditional teacher for every w; the teacher's guided prediction at w = 0
   is the conditional one."""
-  c = shapes_config(tmp_path / "tfds")
+  c = util.shapes_config(tmp_path / "tfds")
   tok = conditioning.tokenizer_for(c, vocabulary=("a", "red", "circle"))
   teacher = stage_setup.denoiser_for(c, w_embedding=False, tokenizer=tok)
   student = stage_setup.denoiser_for(c, w_embedding=True, tokenizer=tok)
@@ -59,7 +59,7 @@ def test_benchmark_of_a_text_model_counts_with_xla(tmp_path):
   (which flops.py has no analytic count for: XLA's count stands in) on random captions' token
   ids, the guided teacher at 2 NFE per step."""
   from gdistill import benchmark
-  c = shapes_config(tmp_path / "tfds")
+  c = util.shapes_config(tmp_path / "tfds")
   result = benchmark.run(c, kinds=("teacher", "sample"), steps=1, warmup=1, sample_repeats=1,
                          sample_steps=2, log=lambda s: None)
   rows = result["rows"]

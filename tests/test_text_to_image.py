@@ -13,41 +13,17 @@ import gdistill
 from gdistill import driver, evaluate, optim, plan
 import util
 
-TINY = {
-    "data.variant": "tiny", "vae.block_out_channels": (8, 16, 16), "vae.norm_num_groups": 4,
-    "model.block_out_channels": (16, 32), "model.num_groups": 8,
-    "model.attention_head_dim": 2, "model.time_cond_proj_dim": 16,
-    "text.hidden_size": 16, "text.intermediate_size": 32, "text.num_hidden_layers": 1,
-    "text.num_attention_heads": 2, "text.max_length": 16,
-    "autoencoder.num_steps": 6, "autoencoder.batch_size": 16, "autoencoder.scale_examples": 64,
-    "teacher.num_steps": 6, "teacher.batch_size": 16, "guided.num_steps": 3,
-    "guided.batch_size": 16, "progressive.num_steps": 2, "progressive.batch_size": 16,
-    "progressive.start_steps": 2, "checkpoint.every_steps": 1000, "log.every_steps": 3,
-    "log.tensorboard": False, "log.sample_prompts": 2, "log.sample_w": (0.0, 3.0),
-    "eval.steps": (1,), "eval.w": (0.0, 3.0), "eval.classifier_steps": 20,
-    "eval.prompts_single": 8, "eval.prompts_two": 8, "eval.prompts_per_group": 2,
-    "eval.batch_size": 48, "sample.num_samples": 6, "sample.batch_size": 6,
-    "eval.edit_images": 8, "eval.edit_batch_size": 8, "eval.edit_strengths": (0.5, 1.0),
-}
-
-
-def shapes_config(tmp, **over):
-  import importlib
-  c = importlib.import_module("configs.shapes").get_config("quick")
-  return util.apply_overrides(c, {"data.data_dir": str(tmp), **TINY, **over})
-
-
 @pytest.fixture(scope="module")
 def shapes_workdir(tmp_path_factory):
   base = tmp_path_factory.mktemp("shapes")
-  c = shapes_config(base / "tfds")
+  c = util.shapes_config(base / "tfds")
   wd = str(base / "wd")
   driver.train_and_evaluate(c, wd, devices=jax.devices()[:1])
   return wd, c
 
 
 def test_the_plan_of_a_latent_text_model():
-  c = shapes_config("/x", **{"progressive.start_steps": 4})
+  c = util.shapes_config("/x", **{"progressive.start_steps": 4})
   names = [s.name for s in plan.make_plan(c)]
   assert names == ["autoencoder", "teacher", "guided", "progressive_2", "progressive_1"]
   p = {s.name: s for s in plan.make_plan(c)}
@@ -67,9 +43,9 @@ def test_a_text_pooled_time_embedding_is_checked_and_recorded():
                         "model.addition_embed_type_num_heads": 3},
                        "model.addition_embed_type_num_heads=3")):
     with pytest.raises(config_lib.ConfigError, match=named):
-      config_validation.validate(shapes_config("/x", **over), num_devices=1)
-  plain = shapes_config("/x", **{"model.addition_embed_type": ""})
-  pooled = shapes_config("/x", **{"model.addition_embed_type": "text",
+      config_validation.validate(util.shapes_config("/x", **over), num_devices=1)
+  plain = util.shapes_config("/x", **{"model.addition_embed_type": ""})
+  pooled = util.shapes_config("/x", **{"model.addition_embed_type": "text",
                                   "model.addition_embed_type_num_heads": 2})
   config_validation.validate(pooled, num_devices=1)
   assert "addition_embed_type" not in config_lib.arch_dict(plain.model)

@@ -34,6 +34,35 @@ def toy_config(**overrides):
   return c
 
 
+# configs/shapes.py:quick shrunk to tiny models and the tiny variant of the data: the latent
+# text-to-image tests' pipeline (tests/test_text_to_image.py's fixture, test_inpainting.py,
+# test_text_models.py).
+SHAPES_TINY = {
+    "data.variant": "tiny", "vae.block_out_channels": (8, 16, 16), "vae.norm_num_groups": 4,
+    "model.block_out_channels": (16, 32), "model.num_groups": 8,
+    "model.attention_head_dim": 2, "model.time_cond_proj_dim": 16,
+    "text.hidden_size": 16, "text.intermediate_size": 32, "text.num_hidden_layers": 1,
+    "text.num_attention_heads": 2, "text.max_length": 16,
+    "autoencoder.num_steps": 6, "autoencoder.batch_size": 16, "autoencoder.scale_examples": 64,
+    "teacher.num_steps": 6, "teacher.batch_size": 16, "guided.num_steps": 3,
+    "guided.batch_size": 16, "progressive.num_steps": 2, "progressive.batch_size": 16,
+    "progressive.start_steps": 2, "checkpoint.every_steps": 1000, "log.every_steps": 3,
+    "log.tensorboard": False, "log.sample_prompts": 2, "log.sample_w": (0.0, 3.0),
+    "eval.steps": (1,), "eval.w": (0.0, 3.0), "eval.classifier_steps": 20,
+    "eval.prompts_single": 8, "eval.prompts_two": 8, "eval.prompts_per_group": 2,
+    "eval.batch_size": 48, "sample.num_samples": 6, "sample.batch_size": 6,
+    "eval.edit_images": 8, "eval.edit_batch_size": 8, "eval.edit_strengths": (0.5, 1.0),
+}
+
+
+def shapes_config(data_dir, **overrides):
+  """configs/shapes.py:quick with SHAPES_TINY, data under data_dir, and dotted-key overrides."""
+  sys.path.insert(0, ROOT)
+  from configs import shapes
+  c = shapes.get_config("quick")
+  return apply_overrides(c, {"data.data_dir": str(data_dir), **SHAPES_TINY, **overrides})
+
+
 def apply_overrides(c, overrides):
   for k, v in overrides.items():
     node = c
