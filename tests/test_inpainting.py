@@ -72,17 +72,14 @@ def test_guidance_drops_the_text_and_keeps_the_image_block(tmp_path):
   """x^w = (1 + w) x(z, c, block) - w x(z, "", block): the null forward sees the same mask
   and masked image; the fresh student (zero w-embedding) is the conditional teacher."""
   from gdistill import conditioning
-  from gdistill.denoiser import student_params_from_teacher
-  import flax.linen as nn
   c = util.shapes_config(tmp_path, **{"model.inpainting": True})
   tok = conditioning.tokenizer_for(c, vocabulary=("a", "red", "circle"))
   teacher = stage_setup.denoiser_for(c, w_embedding=False, tokenizer=tok)
   student = stage_setup.denoiser_for(c, w_embedding=True, tokenizer=tok)
   shape = stage_setup.example_shape(c)
   assert teacher.cond_fields == ("tokens", "inpaint")
-  tp = nn.unbox(jax.jit(teacher.init_fn(shape))(jax.random.key(1, impl="rbg")))
+  tp = util.random_params(teacher, shape, seed=1)
   assert tp["unet"]["conv_in"]["kernel"].shape[2] == 4 + 1 + 4
-  tp = jax.tree.map(lambda p: p + 0.05 * jnp.cos(jnp.arange(p.size).reshape(p.shape)), tp)
   rng = np.random.RandomState(2)
   z = jnp.asarray(rng.randn(3, *shape), jnp.float32)
   block = jnp.asarray(rng.randn(3, 8, 8, 5), jnp.float32)
@@ -99,8 +96,7 @@ def test_guidance_drops_the_text_and_keeps_the_image_block(tmp_path):
                              rtol=1e-5, atol=1e-4)
   other = jax.jit(teacher.encode_cond)(tp, {"c": tokens, "inpaint": -block})
   assert np.abs(xp(tp, z, logsnr, other) - xp(tp, z, logsnr, cond)).max() > 1e-3
-  sp = student_params_from_teacher(tp, nn.unbox(jax.jit(student.init_fn(shape))(
-      jax.random.key(3, impl="rbg"))))
+  sp = util.student_from_teacher(student, tp, shape)
   np.testing.assert_allclose(jax.jit(student.x_pred)(sp, z, logsnr, cond, w),
                              xp(tp, z, logsnr, cond), rtol=1e-5, atol=1e-4)
 

@@ -7,6 +7,7 @@ import ml_collections
 
 from gdistill import denoiser as dn
 from gdistill.models import MLPDenoiser, UNet
+import util
 
 
 def _count(tree):
@@ -53,14 +54,6 @@ def test_unet_shapes_extra_channels_context_and_bf16():
                              atol=1e-6)
 
 
-def _perturb(params, seed):
-  """params + 0.05 N(0, 1), drawn on the host (one eager jax.random op per leaf shape would
-  compile one kernel each)."""
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda l: l + np.float32(0.05) * rng.standard_normal(l.shape, np.float32),
-                      params)
-
-
 def test_student_from_teacher_equals_teacher_for_any_w():
   for mod_t, mod_s, shape in [
       (_tiny_unet(), _tiny_unet(w_embedding=True), (8, 8, 1)),
@@ -68,11 +61,8 @@ def test_student_from_teacher_equals_teacher_for_any_w():
        MLPDenoiser(hidden=32, num_blocks=2, num_classes=4, w_embedding=True), (2,))]:
     nc = mod_t.num_classes
     teacher, student = dn.Denoiser(mod_t, "eps", nc), dn.Denoiser(mod_s, "eps", nc)
-    # 'rbg': XLA:CPU compiles threefry inits slowly.
-    tp = nn.unbox(jax.jit(teacher.init_fn(shape))(jax.random.key(1, impl="rbg")))
-    tp = _perturb(tp, 2)          # zero-init output layers would hide bugs
-    sp = dn.student_params_from_teacher(
-        tp, nn.unbox(jax.jit(student.init_fn(shape))(jax.random.key(3, impl="rbg"))))
+    tp = util.random_params(teacher, shape, seed=1)  # no zero output layers to hide bugs
+    sp = util.student_from_teacher(student, tp, shape)
     z = jnp.asarray(np.random.default_rng(4).standard_normal((6,) + shape, np.float32))
     lam = jnp.linspace(-10, 10, 6)
     lab = jnp.array([0, 1, 2, 3, nc, 1])

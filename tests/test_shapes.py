@@ -295,13 +295,13 @@ def test_full_preparation_matches_generate(tmp_path):
 def small_classifier(data, tmp_path_factory):
   path = str(tmp_path_factory.mktemp("attributes") / "attributes.npz")
   subset = {k: v[:1000] for k, v in data.items()}
-  state = attributes.get_or_train(path, subset, steps=40, batch_size=32)
+  state = attributes.get_or_train(path, subset, steps=12, batch_size=32)
   return state, path, subset
 
 
 def test_classifier_trains_saves_and_reloads(small_classifier, monkeypatch):
   state, path, subset = small_classifier
-  assert state.metadata["steps"] == 40 and np.isfinite(state.metadata["final_loss"])
+  assert state.metadata["steps"] == 12 and np.isfinite(state.metadata["final_loss"])
   pred = attributes.predict(state, subset["image"][:50])
   assert pred["features"].shape == (50, attributes.FEATURE_DIM)
   for key in ("present", "color", "shape", "size", "p_empty"):
@@ -326,7 +326,7 @@ def test_classifier_trains_saves_and_reloads(small_classifier, monkeypatch):
 
 def test_classifier_training_is_deterministic(small_classifier):
   state, _, subset = small_classifier
-  again = attributes.train(subset, steps=40, batch_size=32)
+  again = attributes.train(subset, steps=12, batch_size=32)
   for a, b in zip(*(jax_leaves(s.params) for s in (state, again))):
     np.testing.assert_array_equal(a, b)
 

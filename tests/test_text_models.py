@@ -1,14 +1,12 @@
 """Latent text-to-image models without a trained pipeline: the fresh student is the conditional
 teacher, and the benchmark of a text model. (tests/test_text_to_image.py holds the tests that
 share its pipeline fixture; pytest-xdist runs one file per worker, so these run beside it.)"""
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from gdistill import conditioning, stage_setup
-from gdistill.denoiser import student_params_from_teacher
 from gdistill.models.unet_cond import guidance_scale_embedding
 import util
 
@@ -22,11 +20,8 @@ def test_stage_one_student_equals_the_conditional_teacher_at_init(tmp_path):
   teacher = stage_setup.denoiser_for(c, w_embedding=False, tokenizer=tok)
   student = stage_setup.denoiser_for(c, w_embedding=True, tokenizer=tok)
   shape = stage_setup.example_shape(c)
-  # 'rbg': XLA:CPU compiles threefry inits slowly.
-  tp = nn.unbox(jax.jit(teacher.init_fn(shape))(jax.random.key(1, impl="rbg")))
-  tp = jax.tree.map(lambda p: p + 0.05 * jnp.cos(jnp.arange(p.size).reshape(p.shape)), tp)
-  sp = student_params_from_teacher(tp, nn.unbox(jax.jit(student.init_fn(shape))(
-      jax.random.key(2, impl="rbg"))))
+  tp = util.random_params(teacher, shape, seed=1)
+  sp = util.student_from_teacher(student, tp, shape, seed=2)
   assert set(sp) == {"unet", "text_encoder"} and "cond_proj" in sp["unet"]["time_embedding"]
   assert not np.any(np.asarray(sp["unet"]["time_embedding"]["cond_proj"]["kernel"]))
   z = jax.random.normal(jax.random.key(3), (4,) + shape)

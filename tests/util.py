@@ -153,6 +153,27 @@ def tiny_eval_config():
   return apply_overrides(c, TINY_EVAL_CLI)
 
 
+def random_params(den, shape, seed: int):
+  """Parameters of a Denoiser filled on the host (benchmark.random_tree: normal(0, 0.05), norm
+  scales around 1), for tests that need some parameters, not the initialisers': jitting the
+  init compiles the RNG of every parameter (4-5 s for a tiny U-Net at -O0)."""
+  import flax.linen as nn
+  from gdistill import benchmark
+  return benchmark.random_tree(nn.unbox(den.init_abstract(shape)), seed)
+
+
+def student_from_teacher(student, teacher_params, shape, seed: int = 3):
+  """A fresh w-conditioned student as stage one starts it (stage_setup.init_state): its init
+  with every teacher parameter copied in, jitted, so XLA drops the copied parameters' RNG and
+  compiles only the w-embedding's initialiser."""
+  import flax.linen as nn
+  from gdistill.denoiser import student_params_from_teacher
+
+  def init(rng, tp):
+    return student_params_from_teacher(tp, nn.unbox(student.init_fn(shape)(rng)))
+  return jax.jit(init)(jax.random.key(seed, impl="rbg"), teacher_params)
+
+
 def write_untrained_workdir(c, workdir: str) -> None:
   """A finished pipeline workdir: config.json and one export per stage of the plan, from
   initial parameters the way run_stage derives them (the guided student from the teacher,
@@ -165,8 +186,8 @@ def write_untrained_workdir(c, workdir: str) -> None:
   params, parent = {}, None
   for st in plan.make_plan(c):
     den = stage_setup.student_model(c, st)
-    if st.kind == "teacher":  # 'rbg': XLA:CPU compiles threefry inits slowly
-      p = nn.unbox(jax.jit(den.init_fn(shape))(jax.random.key(1, impl="rbg")))
+    if st.kind == "teacher":
+      p = random_params(den, shape, seed=1)
     elif st.kind == "guided":  # the w-embedding at zero, as its zero-initialised last layer
       zeros = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype),
                            nn.unbox(den.init_abstract(shape)))
