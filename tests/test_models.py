@@ -33,15 +33,23 @@ def _tiny_unet(**kw):
               num_classes=10, out_channels=1, num_groups=8, **kw)
 
 
+def _host_variables(module, *args, **kwargs):
+  """module's variables in the shapes its init gives, filled on the host (no XLA compile of
+  the initialisers' RNG)."""
+  from gdistill import benchmark
+  abstract = jax.eval_shape(module.init, jax.random.key(0), *args, **kwargs)
+  return benchmark.random_tree(nn.unbox(abstract), 0)
+
+
 def test_unet_shapes_extra_channels_context_and_bf16():
   z = jnp.ones((2, 8, 8, 1))
   lam = jnp.zeros((2,))
   lab = jnp.array([1, 10])                       # 10 = null label
   m = _tiny_unet()
-  p = jax.jit(m.init)(jax.random.key(0), z, lam, lab)
+  p = _host_variables(m, z, lam, lab)
   extra = jnp.ones((2, 8, 8, 2))
   ctx = jnp.ones((2, 5, 12))
-  p2 = jax.jit(m.init)(jax.random.key(0), z, lam, lab, extra=extra, context=ctx)
+  p2 = _host_variables(m, z, lam, lab, extra=extra, context=ctx)
   out = jax.jit(m.apply)(p2, z, lam, lab, extra=extra, context=ctx)
   assert out.shape == (2, 8, 8, 1) and out.dtype == jnp.float32
   mb = _tiny_unet(dtype=jnp.bfloat16)
