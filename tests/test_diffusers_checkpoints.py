@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from safetensors.numpy import load_file
 
 from gdistill import weight_map
@@ -23,7 +22,19 @@ from gdistill.models.autoencoder import AutoencoderKL
 from gdistill.models.text import CLIPTextTransformer
 from gdistill.models.unet_cond import UNet2DConditionModel, guidance_scale_embedding
 
-torch.set_num_threads(1)
+
+class _Torch:
+  """torch, imported on first use: every pytest-xdist worker collects this module, and only
+  the one that runs it needs torch (1.5 CPU-s to import)."""
+
+  def __getattr__(self, name):
+    import torch as module  # pylint: disable=g-import-not-at-top
+    module.set_num_threads(1)
+    globals()["torch"] = module
+    return getattr(module, name)
+
+
+torch = _Torch()
 TOL = 1e-4
 
 
