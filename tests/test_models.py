@@ -34,11 +34,8 @@ def _tiny_unet(**kw):
 
 
 def _host_variables(module, *args, **kwargs):
-  """module's variables in the shapes its init gives, filled on the host (no XLA compile of
-  the initialisers' RNG)."""
-  from gdistill import benchmark
-  abstract = jax.eval_shape(module.init, jax.random.key(0), *args, **kwargs)
-  return benchmark.random_tree(nn.unbox(abstract), 0)
+  """module's variables in the shapes its init gives, filled on the host."""
+  return util.host_filled(jax.eval_shape(module.init, jax.random.key(0), *args, **kwargs), 0)
 
 
 def test_unet_shapes_extra_channels_context_and_bf16():

@@ -46,7 +46,8 @@ def test_fsdp_mesh_matches_one_device_and_shards_parameters():
   assert "fsdp" in str(kernel.sharding.spec)
   assert kernel.addressable_shards[0].data.shape[-1] == kernel.shape[-1] // 2
   norm = state["params"]["block0_norm"]["scale"]
-  assert "fsdp" not in str(norm.sharding.spec) and norm.addressable_shards[0].data.shape == norm.shape
+  assert "fsdp" not in str(norm.sharding.spec)
+  assert norm.addressable_shards[0].data.shape == norm.shape
   mu = state["opt_state"][1][0].mu["block0_dense0"]["kernel"]
   assert mu.sharding == kernel.sharding
 

@@ -153,13 +153,19 @@ def tiny_eval_config():
   return apply_overrides(c, TINY_EVAL_CLI)
 
 
-def random_params(den, shape, seed: int):
-  """Parameters of a Denoiser filled on the host (benchmark.random_tree: normal(0, 0.05), norm
-  scales around 1), for tests that need some parameters, not the initialisers': jitting the
-  init compiles the RNG of every parameter (4-5 s for a tiny U-Net at -O0)."""
+def host_filled(abstract, seed: int):
+  """Arrays in the shapes of an (abstract, boxed) init result, filled on the host
+  (benchmark.random_tree: normal(0, 0.05), norm scales around 1), for tests that need some
+  parameters, not the initialisers': jitting an init compiles the RNG of every parameter
+  (4-5 s for a tiny U-Net at -O0)."""
   import flax.linen as nn
   from gdistill import benchmark
-  return benchmark.random_tree(nn.unbox(den.init_abstract(shape)), seed)
+  return benchmark.random_tree(nn.unbox(abstract), seed)
+
+
+def random_params(den, shape, seed: int):
+  """A Denoiser's parameters, host_filled."""
+  return host_filled(den.init_abstract(shape), seed)
 
 
 def student_from_teacher(student, teacher_params, shape, seed: int = 3):
